@@ -1,0 +1,244 @@
+"""Writes the data plane's Config tables (dataplane/tables.py) from the control plane's view of
+services and real servers, as deltas: a service or real server keeps its id for its whole life,
+so reloads and health changes touch only the rows that change and never disturb connections.
+
+`ServiceSpec` / `DestSpec` are the flattened form the tables need (one per concrete
+addr:port or fwmark service, groups already expanded); control/model.py's parsed config is turned
+into them by `specs_from_config`.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dataplane import consts as C
+from dataplane import tables as T
+from dataplane.pipeline import svc_slot
+from control.rings import build_ring
+
+
+@dataclass
+class DestSpec:
+    addr: str
+    port: int
+    weight: int = 1
+    fwd: int = C.FWD_MASQ
+    u_threshold: int = 0
+    l_threshold: int = 0
+
+    @property
+    def key(self):
+        return (self.addr, self.port)
+
+
+@dataclass
+class ServiceSpec:
+    proto: int                  # IPPROTO_TCP / IPPROTO_UDP
+    addr: str | None            # VIP, None for fwmark
+    port: int
+    fwmark: int = 0
+    sched: int = C.SCHED_WLC
+    fwd: int = C.FWD_MASQ
+    flags: int = 0
+    persist_timeout_s: int = 0
+    persist_mask: str = "255.255.255.255"
+    dests: list = field(default_factory=list)
+    sorry: DestSpec | None = None
+    laddrs: list = field(default_factory=list)   # FULLNAT local addresses
+    source: str = ""            # FILE:LINE of the virtual_server, for messages
+
+    @property
+    def key(self):
+        if self.fwmark:
+            return ("FWM", self.fwmark)
+        return (C.PROTO_NAMES[self.proto], self.addr, self.port)
+
+    def name(self):
+        if self.fwmark:
+            return f"FWM  {self.fwmark}"
+        return f"{C.PROTO_NAMES[self.proto]}  {self.addr}:{self.port}"
+
+
+class TableWriter:
+    """Owns id allocation and writes Config rows. Not thread-safe: one control thread calls it."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.svc_ids = {}        # service key -> id
+        self.dest_ids = {}       # (service key, dest key, is_sorry) -> id
+        self.specs = {}          # service key -> ServiceSpec
+        self.available = {}      # dest id -> bool (health)
+        self._free_svc = list(range(T.MAX_SVC - 1, 0, -1))
+        self._free_dest = list(range(T.MAX_DEST - 1, 0, -1))
+
+    # -- service hash ------------------------------------------------------------------------
+    def _hkey(self, spec):
+        if spec.fwmark:
+            return T.fwmark_key(spec.fwmark)
+        return T.svc_key(spec.proto, T.ip2int(spec.addr), spec.port)
+
+    def _hash_insert(self, key, sid):
+        hk, hv = self.cfg.svc_hkey, self.cfg.svc_hval
+        mask = len(hk) - 1
+        i = int(svc_slot(key, mask))
+        while hk[i] != 0 and hk[i] != key:
+            i = (i + 1) & mask
+        hv[i] = sid
+        hk[i] = key
+
+    def _hash_delete(self, key):
+        """Remove and re-insert the rest of the probe run (the table is small)."""
+        hk, hv = self.cfg.svc_hkey, self.cfg.svc_hval
+        mask = len(hk) - 1
+        i = int(svc_slot(key, mask))
+        while hk[i] != 0 and hk[i] != key:
+            i = (i + 1) & mask
+        if hk[i] == 0:
+            return
+        hk[i] = 0
+        hv[i] = 0
+        j = (i + 1) & mask
+        while hk[j] != 0:
+            k, v = int(hk[j]), int(hv[j])
+            hk[j] = 0
+            hv[j] = 0
+            self._hash_insert(k, v)
+            j = (j + 1) & mask
+
+    # -- deltas ------------------------------------------------------------------------------
+    def sync(self, specs):
+        """Make the tables match `specs` (a list of ServiceSpec). Returns a list of change lines."""
+        changes = []
+        wanted = {s.key: s for s in specs}
+        for key in list(self.svc_ids):
+            if key not in wanted:
+                self._remove_service(key)
+                changes.append(f"removed service {key}")
+        for key, spec in wanted.items():
+            if key not in self.svc_ids:
+                if not self._free_svc:
+                    raise ValueError(f"{spec.source}: too many services (max {T.MAX_SVC - 1})")
+                sid = self._free_svc.pop()
+                self.svc_ids[key] = sid
+                changes.append(f"added service {spec.name()}")
+            self._write_service(spec)
+        return changes
+
+    def _remove_service(self, key):
+        sid = self.svc_ids.pop(key)
+        spec = self.specs.pop(key)
+        self._hash_delete(self._hkey(spec))
+        for dk in [k for k in self.dest_ids if k[0] == key]:
+            did = self.dest_ids.pop(dk)
+            self.cfg.dest[did] = np.zeros((), T.DEST_DTYPE)
+            self.available.pop(did, None)
+            self._free_dest.append(did)
+        self.cfg.svc[sid] = np.zeros((), T.SERVICE_DTYPE)
+        self.cfg.svc_dests[sid, :] = 0
+        self.cfg.ring[sid, :] = 0
+
+    def _dest_id(self, skey, dspec, sorry):
+        k = (skey, dspec.key, sorry)
+        if k not in self.dest_ids:
+            if not self._free_dest:
+                raise ValueError(f"too many real servers (max {T.MAX_DEST - 1})")
+            did = self._free_dest.pop()
+            self.dest_ids[k] = did
+            self.available[did] = True     # a new real server is up until a checker says not
+        return self.dest_ids[k]
+
+    def _write_service(self, spec):
+        cfg = self.cfg
+        sid = self.svc_ids[spec.key]
+        old = self.specs.get(spec.key)
+        self.specs[spec.key] = spec
+        if len(spec.dests) > T.MAX_DEST_PER_SVC - 1:
+            raise ValueError(f"{spec.source}: too many real servers in one service")
+        # Real servers that left the service.
+        keep = {(spec.key, d.key, False) for d in spec.dests}
+        if spec.sorry:
+            keep.add((spec.key, spec.sorry.key, True))
+        for dk in [k for k in self.dest_ids if k[0] == spec.key and k not in keep]:
+            did = self.dest_ids.pop(dk)
+            cfg.dest[did] = np.zeros((), T.DEST_DTYPE)
+            self.available.pop(did, None)
+            self._free_dest.append(did)
+        ids = []
+        for d in spec.dests:
+            did = self._dest_id(spec.key, d, False)
+            self._write_dest(did, sid, d, 0)
+            ids.append(did)
+        sorry_id = 0
+        if spec.sorry:
+            sorry_id = self._dest_id(spec.key, spec.sorry, True)
+            self._write_dest(sorry_id, sid, spec.sorry, C.DEST_F_SORRY)
+        row = cfg.svc[sid]
+        cfg.svc_dests[sid, :len(ids)] = ids
+        cfg.svc_dests[sid, len(ids):] = 0
+        row["n_dests"] = len(ids)
+        row["fwd"] = spec.fwd
+        row["sched"] = spec.sched
+        row["addr"] = T.ip2int(spec.addr) if spec.addr else 0
+        row["fwmark"] = spec.fwmark
+        row["port"] = spec.port
+        row["sorry_dest"] = sorry_id
+        row["flags"] = spec.flags
+        row["persist_timeout_s"] = spec.persist_timeout_s
+        row["persist_mask"] = T.ip2int(spec.persist_mask)
+        row["gen"] += 1
+        self._rebuild_ring(sid, spec)
+        # The proto goes last: it marks the row in use, and the hash entry makes it reachable.
+        row["proto"] = spec.proto
+        if old is None:
+            self._hash_insert(self._hkey(spec), sid)
+
+    def _write_dest(self, did, sid, d, extra_flags):
+        row = self.cfg.dest[did]
+        row["addr"] = T.ip2int(d.addr)
+        row["port"] = d.port
+        row["fwd"] = d.fwd
+        row["weight"] = d.weight
+        row["u_threshold"] = d.u_threshold
+        row["l_threshold"] = d.l_threshold
+        row["flags"] = extra_flags | (C.DEST_F_AVAILABLE if self.available.get(did, True) else 0)
+        row["svc"] = sid
+
+    def _rebuild_ring(self, sid, spec):
+        cfg = self.cfg
+        ids, weights, keys = [], [], []
+        for d in spec.dests:
+            did = self.dest_ids[(spec.key, d.key, False)]
+            if self.available.get(did, True) and cfg.dest[did]["weight"] > 0:
+                ids.append(did)
+                weights.append(int(cfg.dest[did]["weight"]))
+                keys.append(f"{d.addr}:{d.port}")
+        ring = build_ring(spec.sched, ids, weights, keys)
+        # Write only the slots that change (Katran's way: in-flight lookups see old or new).
+        cur = cfg.ring[sid]
+        diff = np.nonzero(cur != ring)[0]
+        cur[diff] = ring[diff]
+
+    # -- health and runtime edits ------------------------------------------------------------
+    def set_available(self, skey, dkey, up):
+        did = self.dest_ids.get((skey, dkey, False))
+        if did is None:
+            return False
+        self.available[did] = up
+        row = self.cfg.dest[did]
+        if up:
+            row["flags"] |= C.DEST_F_AVAILABLE
+        else:
+            row["flags"] = int(row["flags"]) & ~C.DEST_F_AVAILABLE
+        self._rebuild_ring(self.svc_ids[skey], self.specs[skey])
+        return True
+
+    def set_weight(self, skey, dkey, weight):
+        did = self.dest_ids.get((skey, dkey, False))
+        if did is None:
+            return False
+        self.cfg.dest[did]["weight"] = weight
+        for d in self.specs[skey].dests:
+            if d.key == dkey:
+                d.weight = weight
+        self._rebuild_ring(self.svc_ids[skey], self.specs[skey])
+        return True

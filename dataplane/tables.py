@@ -1,0 +1,207 @@
+"""Every table the data plane reads or writes, declared once.
+
+Two groups, as in Katran's split of maps:
+
+* ``Config`` — owned by the control plane (control/apply.py writes it, in place, slot by slot);
+  the data plane only reads it. Services, real servers (``dest``, IPVS's name), the per-service
+  list of real servers, the lookup rings of sh/dh/mh, the service hash and the timeouts.
+* ``Worker`` — owned by one data-plane worker (one NFQUEUE queue, one thread): the connection
+  table and its two-way index, scheduler cursors, active/inactive connection counts, and counters.
+  The control plane only reads it (``lvs-dp list``) and sums the counters over workers.
+
+All ids are dense and 0 means "unset": service 0 and dest 0 are never used, connection 0 is never
+handed out. Addresses are IPv4 in host byte order (uint32), ports in host order (uint16).
+
+The connection index is open addressing with linear probing on three parallel arrays
+(``idx_k0``, ``idx_k1``, ``idx_val``). Every connection has two entries, one per direction, so a
+packet from either side finds it with one lookup:
+
+* in  (client side):      key(caddr, vaddr, cport, vport, proto)
+* out (real-server side): key(daddr, caddr, dport, cport, proto)     NAT
+                          key(daddr, laddr, dport, lport, proto)     FULLNAT
+* persistence template:   key(caddr & mask, vaddr, 0, vport, proto | TEMPLATE_KEY_BIT)
+
+``idx_val`` is ``conn_id * 2 + direction`` (0 marks an empty slot, since conn ids start at 1).
+Deletion shifts later entries back (no tombstones), so lookups never slow down with churn.
+"""
+
+from collections import namedtuple
+
+import numpy as np
+
+from dataplane import consts as C
+
+MAX_SVC = 256           # service ids 1..255
+MAX_DEST = 4096         # real-server ids 1..4095 (over all services, sorry servers included)
+MAX_DEST_PER_SVC = 256
+SVC_HASH_SIZE = 1024    # power of two, >= 2 * MAX_SVC
+MAX_LADDR = 256         # FULLNAT local addresses over all pools
+TEMPLATE_KEY_BIT = 0x100
+
+SERVICE_DTYPE = np.dtype([
+    ("proto", np.uint8),        # IPPROTO_TCP / IPPROTO_UDP; 0 = slot unused
+    ("fwd", np.uint8),          # FWD_* of the service (each real server has its own too)
+    ("sched", np.uint8),        # SCHED_*
+    ("n_dests", np.uint8),      # entries used in Config.svc_dests[svc] (<= 255)
+    ("addr", np.uint32),        # VIP (0 for a fwmark service)
+    ("fwmark", np.uint32),      # firewall mark (0 for an addr:port service)
+    ("port", np.uint16),        # virtual port (0 = any port, persistent port-0 service)
+    ("sorry_dest", np.uint16),  # dest id of the sorry server, 0 = none
+    ("flags", np.uint32),       # SVC_F_*
+    ("persist_timeout_s", np.uint32),
+    ("persist_mask", np.uint32),    # persistence_granularity as a mask, host order
+    ("laddr_first", np.uint16),     # FULLNAT local-address pool: Config.laddr[first:first+count]
+    ("laddr_count", np.uint16),
+    ("gen", np.uint32),             # bumped by control on every change (diagnostics)
+])
+
+DEST_DTYPE = np.dtype([
+    ("svc", np.uint16),         # owning service id; 0 = slot unused
+    ("fwd", np.uint8),          # FWD_*
+    ("_pad", np.uint8),
+    ("addr", np.uint32),
+    ("port", np.uint16),
+    ("_pad2", np.uint16),
+    ("weight", np.int32),       # 0 = quiesced: no new connections, established ones continue
+    ("flags", np.uint32),       # DEST_F_*
+    ("u_threshold", np.uint32), # ipvsadm -x: no new connections above this many (0 = no limit)
+    ("l_threshold", np.uint32),
+])
+
+CONN_DTYPE = np.dtype([
+    ("caddr", np.uint32), ("vaddr", np.uint32), ("daddr", np.uint32), ("laddr", np.uint32),
+    ("cport", np.uint16), ("vport", np.uint16), ("dport", np.uint16), ("lport", np.uint16),
+    ("proto", np.uint8),
+    ("state", np.uint8),        # IP_VS_TCP_S_* / IP_VS_UDP_S_NORMAL
+    ("flags", np.uint16),       # IP_VS_CONN_F_* / CONN_F_*; 0 = slot free
+    ("svc", np.uint16),
+    ("dest", np.uint16),
+    ("n_control", np.int32),    # templates: connections placed by this template still alive
+    ("template", np.uint32),    # the template that placed this connection, 0 = none
+    ("expire_ns", np.int64),
+    # Sequence translation (FULLNAT insertion, SYN-proxy): deltas added to seq in the `in`
+    # direction and subtracted from ack in the `out` direction, and the reverse.
+    ("seq_delta_in", np.uint32),
+    ("seq_delta_out", np.uint32),
+    ("aux", np.uint32),         # per-feature scratch (SYN-proxy state, insertion point, ...)
+])
+
+# Columns of the [n, 5] counter arrays of services and real servers, ipvsadm's --stats order.
+CNT_CONNS, CNT_INPKTS, CNT_OUTPKTS, CNT_INBYTES, CNT_OUTBYTES = range(5)
+N_CNT = 5
+
+# Worker.ctl slots
+CTL_FREE_TOP = 0        # number of ids on the free stack
+CTL_SWEEP = 1           # expiry sweep cursor into conn[]
+CTL_N_CONNS = 2         # live connections (templates included)
+CTL_N_TEMPLATES = 3
+N_CTL = 8
+
+# Per-service scheduler state columns in Worker.sched (int64)
+SS_RR_POS = 0           # rr/wrr: position in svc_dests
+SS_WRR_CW = 1           # wrr: current weight
+N_SS = 4
+
+Config = namedtuple("Config", [
+    "svc",          # SERVICE_DTYPE[MAX_SVC]
+    "dest",         # DEST_DTYPE[MAX_DEST]
+    "svc_dests",    # uint16[MAX_SVC, MAX_DEST_PER_SVC]: dest ids of each service, in config order
+    "ring",         # uint16[MAX_SVC, RING_SIZE]: sh/dh/mh lookup (dest ids), built by control
+    "svc_hkey",     # uint64[SVC_HASH_SIZE]: service key (see svc_key), 0 = empty
+    "svc_hval",     # uint16[SVC_HASH_SIZE]: service id
+    "timeouts_ns",  # int64[N_STATES]
+    "laddr",        # uint32[MAX_LADDR]: FULLNAT local addresses, pools are slices
+])
+
+Worker = namedtuple("Worker", [
+    "conn",         # CONN_DTYPE[max_conns + 1]
+    "free",         # int32[max_conns]: stack of free conn ids
+    "idx_k0",       # uint64[idx_size]: saddr << 32 | daddr
+    "idx_k1",       # uint64[idx_size]: proto << 32 | sport << 16 | dport
+    "idx_val",      # uint32[idx_size]: conn_id * 2 + direction, 0 = empty
+    "ctl",          # int64[N_CTL]
+    "sched",        # int64[MAX_SVC, N_SS]
+    "active",       # int32[MAX_DEST]: activeconns (ESTABLISHED)
+    "inactive",     # int32[MAX_DEST]: inactconns
+    "persist",      # int32[MAX_DEST]: templates pointing at the dest (ipvsadm's PersistConn)
+    "svc_cnt",      # uint64[MAX_SVC, N_CNT]
+    "dest_cnt",     # uint64[MAX_DEST, N_CNT]
+    "stats",        # uint64[N_STATS]: drop reasons and global counters (consts.DROP_* / STAT_*)
+])
+
+
+Tx = namedtuple("Tx", [
+    "buf",          # uint8[slots * TX_SLOT]: packets the engine generates (SYN-proxy, RSTs)
+    "off",          # int64[slots]
+    "length",       # int32[slots]
+    "count",        # int64[1]: packets waiting; the backend sends them and resets it to 0
+])
+TX_SLOT = 2048
+
+
+def new_tx(slots=256):
+    return Tx(buf=np.zeros(slots * TX_SLOT, np.uint8),
+              off=np.arange(slots, dtype=np.int64) * TX_SLOT,
+              length=np.zeros(slots, np.int32), count=np.zeros(1, np.int64))
+
+
+def svc_key(proto, addr, port):
+    """Key of an addr:port service in the service hash (fwmark services use fwmark_key)."""
+    return (int(proto) << 48) | (int(port) << 32) | int(addr)
+
+
+def fwmark_key(fwmark):
+    return (1 << 56) | int(fwmark)
+
+
+def new_config():
+    return Config(
+        svc=np.zeros(MAX_SVC, SERVICE_DTYPE),
+        dest=np.zeros(MAX_DEST, DEST_DTYPE),
+        svc_dests=np.zeros((MAX_SVC, MAX_DEST_PER_SVC), np.uint16),
+        ring=np.zeros((MAX_SVC, C.RING_SIZE), np.uint16),
+        svc_hkey=np.zeros(SVC_HASH_SIZE, np.uint64),
+        svc_hval=np.zeros(SVC_HASH_SIZE, np.uint16),
+        timeouts_ns=C.DEFAULT_TIMEOUTS_S * C.NS,
+        laddr=np.zeros(MAX_LADDR, np.uint32),
+    )
+
+
+def index_size_for(max_conns):
+    """Two index entries per connection at a load factor of at most 1/2."""
+    size = 16
+    while size < 4 * max_conns:
+        size <<= 1
+    return size
+
+
+def new_worker(max_conns=1 << 20):
+    idx_size = index_size_for(max_conns)
+    free = np.arange(max_conns, 0, -1, dtype=np.int32)    # pop from the end: ids 1, 2, 3 ...
+    ctl = np.zeros(N_CTL, np.int64)
+    ctl[CTL_FREE_TOP] = max_conns
+    return Worker(
+        conn=np.zeros(max_conns + 1, CONN_DTYPE),
+        free=free,
+        idx_k0=np.zeros(idx_size, np.uint64),
+        idx_k1=np.zeros(idx_size, np.uint64),
+        idx_val=np.zeros(idx_size, np.uint32),
+        ctl=ctl,
+        sched=np.zeros((MAX_SVC, N_SS), np.int64),
+        active=np.zeros(MAX_DEST, np.int32),
+        inactive=np.zeros(MAX_DEST, np.int32),
+        persist=np.zeros(MAX_DEST, np.int32),
+        svc_cnt=np.zeros((MAX_SVC, N_CNT), np.uint64),
+        dest_cnt=np.zeros((MAX_DEST, N_CNT), np.uint64),
+        stats=np.zeros(C.N_STATS, np.uint64),
+    )
+
+
+def ip2int(s):
+    a, b, c, d = (int(x) for x in s.split("."))
+    return (a << 24) | (b << 16) | (c << 8) | d
+
+
+def int2ip(n):
+    n = int(n)
+    return f"{n >> 24 & 255}.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}"
