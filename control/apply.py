@@ -25,6 +25,7 @@ class DestSpec:
     fwd: int = C.FWD_MASQ
     u_threshold: int = 0
     l_threshold: int = 0
+    inhibit: bool = False       # inhibit_on_failure: stays listed at weight 0 when down
 
     @property
     def key(self):
@@ -242,3 +243,65 @@ class TableWriter:
                 d.weight = weight
         self._rebuild_ring(self.svc_ids[skey], self.specs[skey])
         return True
+
+
+_LB_KIND = {"NAT": C.FWD_MASQ, "FNAT": C.FWD_FULLNAT, "DR": C.FWD_DROUTE, "TUN": C.FWD_TUNNEL}
+# What the data plane forwards today; the others are parsed and reported by `lvs-dp check`.
+SUPPORTED_FWD = (C.FWD_MASQ,)
+
+
+def _mask(granularity):
+    if not granularity:
+        return "255.255.255.255"
+    if "." not in granularity:          # prefix length spelling
+        bits = int(granularity)
+        return T.int2ip((0xFFFFFFFF << (32 - bits)) & 0xFFFFFFFF)
+    return granularity
+
+
+def specs_from_config(config):
+    """Flatten the parsed model into ServiceSpecs. Returns (specs, notes): notes are
+    "FILE:LINE: message" lines for what lvs-dp parses but does not act on."""
+    specs, notes = [], []
+    for vs in config.concrete_services():
+        where = f"{vs.file}:{vs.line}"
+        if vs.addr and ":" in vs.addr:
+            notes.append(f"{where}: IPv6 service {vs.addr} not acted on (lvs-dp is IPv4 only)")
+            continue
+        proto = {"TCP": C.IPPROTO_TCP, "UDP": C.IPPROTO_UDP}.get(vs.protocol)
+        if proto is None:
+            notes.append(f"{where}: protocol {vs.protocol} not acted on (TCP and UDP only)")
+            continue
+        fwd = _LB_KIND.get(vs.lb_kind, C.FWD_MASQ)
+        if fwd not in SUPPORTED_FWD:
+            notes.append(f"{where}: lb_kind {vs.lb_kind} not acted on yet (lvs-dp forwards NAT)")
+            continue
+        sched = C.SCHED_BY_NAME.get(vs.lb_algo)
+        if sched is None:
+            notes.append(f"{where}: lb_algo {vs.lb_algo} not implemented, using wlc")
+            sched = C.SCHED_WLC
+        flags = 0
+        if vs.persistence_timeout:
+            flags |= C.SVC_F_PERSISTENT
+        if "sh-port" in vs.lb_flags or "mh-port" in vs.lb_flags:
+            flags |= C.SVC_F_SH_PORT
+        port = vs.port or 0
+        dests = []
+        for rs in vs.real_servers:
+            if ":" in rs.addr:
+                notes.append(f"{rs.file}:{rs.line}: IPv6 real server {rs.addr} not acted on")
+                continue
+            dests.append(DestSpec(rs.addr, rs.port if rs.port is not None else port, rs.weight,
+                                  fwd, rs.uthreshold or 0, rs.lthreshold or 0,
+                                  rs.inhibit_on_failure))
+        sorry = None
+        if vs.sorry_server:
+            sa, sp = vs.sorry_server
+            sorry = DestSpec(sa, sp if sp is not None else port, 1, fwd)
+        specs.append(ServiceSpec(
+            proto=proto, addr=vs.addr if not vs.fwmark else None, port=port if not vs.fwmark else 0,
+            fwmark=vs.fwmark or 0, sched=sched, fwd=fwd, flags=flags,
+            persist_timeout_s=vs.persistence_timeout or 0,
+            persist_mask=_mask(vs.persistence_granularity), dests=dests, sorry=sorry,
+            source=where))
+    return specs, notes
