@@ -110,7 +110,9 @@ class Daemon:
         # compile takes tens of seconds, and queued packets wait for it.
         t0 = time.monotonic()
         for q in self.queues:
-            q.warm_up()
+            warm_up = getattr(q, "warm_up", None)     # the netlink backend compiles in open()
+            if warm_up:
+                warm_up()
         log.info("engine ready in %.1f s", time.monotonic() - t0)
         self.rules = R.Rules(self.queue_nums, self.instance)
         self.rules.install(self._matches(specs))
@@ -133,7 +135,7 @@ class Daemon:
                 q = BindingQueue(num, self.cfg, wk)
             else:
                 from dataplane.nfq_netlink import NetlinkQueue
-                q = NetlinkQueue(num, self.cfg, wk)
+                q = NetlinkQueue(num, None, self.cfg, wk)
             q.open()
             self.queues.append(q)
 
@@ -267,16 +269,11 @@ class Daemon:
         return True
 
     def _dp_stats(self):
+        # queue_stats() also mirrors the kernel's drop counters into wk.stats[DROP_OVERLOAD].
+        qstats = {str(q.queue_num): q.queue_stats() for q in self.queues}
         total = sum(wk.stats.astype(np.uint64) for wk in self.workers)
         drops = {name: int(total[i]) for i, name in C.DROP_NAMES.items()}
         counters = {name: int(total[i]) for i, name in C.STAT_NAMES.items()}
-        qstats = {}
-        for q in self.queues:
-            qs = q.queue_stats()
-            if qs:
-                qstats[str(q.queue_num)] = qs
-                drops["overload"] = drops.get("overload", 0) + qs.get("queue_dropped", 0) \
-                    + qs.get("user_dropped", 0)
         return {"drops": drops, "counters": counters, "queues": qstats,
                 "conns": int(sum(wk.ctl[T.CTL_N_CONNS] for wk in self.workers)),
                 "templates": int(sum(wk.ctl[T.CTL_N_TEMPLATES] for wk in self.workers)),

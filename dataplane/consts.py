@@ -17,7 +17,7 @@ VERDICT_REWRITE = 2     # accept with the rewritten payload (buffer slice, new l
 # Drop reasons first; each one is a label in `lvs-dp list --stats` and in metrics.
 DROP_NONE = 0
 DROP_MALFORMED = 1          # truncated or inconsistent IPv4/TCP/UDP/ICMP header
-DROP_FRAGMENT = 2           # non-first fragment or fragment of a balanced flow (not reassembled)
+DROP_FRAGMENT = 2           # later fragment whose first fragment was not seen (or forgotten)
 DROP_NO_DEST = 3            # service has no available real server (and no sorry server)
 DROP_CONN_FULL = 4          # connection table full: new connection refused
 DROP_NO_SERVICE_PORT = 5    # reserved
@@ -64,6 +64,7 @@ STAT_CONN_REUSED = 29       # a new SYN on a closed/time_wait connection re-sche
 # connection is gone (after a restart, say) instead of retrying into silence.
 STAT_NOT_SYN = 30
 STAT_SORRY = 31             # new connections sent to the sorry server
+STAT_FRAG_XLATE = 32        # later fragments rewritten by their first fragment's connection
 N_STATS = 64
 
 STAT_NAMES = {
@@ -83,6 +84,7 @@ STAT_NAMES = {
     STAT_CONN_REUSED: "conn_reused",
     STAT_NOT_SYN: "no_conn_not_syn_passed",
     STAT_SORRY: "sorry_server",
+    STAT_FRAG_XLATE: "fragments_translated",
 }
 
 # --- protocols ------------------------------------------------------------------------------------
@@ -130,11 +132,13 @@ DEST_F_AVAILABLE = 0x1      # schedulable: control clears it when a health check
 DEST_F_SORRY = 0x2          # this destination is the service's sorry server
 
 # --- connection flags (Conn.flags) -----------------------------------------------------------------
+# Kernel values (include/uapi/linux/ip_vs.h) where the kernel has the flag; ours use bits IPVS
+# leaves free.
+IP_VS_CONN_F_NOOUTPUT = 0x0080
+IP_VS_CONN_F_INACTIVE = 0x0100   # counted in the destination's inactconns, not activeconns
 IP_VS_CONN_F_TEMPLATE = 0x1000
-IP_VS_CONN_F_INACTIVE = 0x0020   # counted in the destination's inactconns, not activeconns
-IP_VS_CONN_F_NOOUTPUT = 0x0800
-CONN_F_FULLNAT = 0x0001
-CONN_F_SYNPROXY = 0x0002
+CONN_F_FULLNAT = 0x0008
+CONN_F_SYNPROXY = 0x0010
 CONN_F_IN_USE = 0x8000
 
 # --- TCP states, as IPVS numbers them (ip_vs_proto_tcp.c) -----------------------------------------

@@ -88,7 +88,13 @@ class BindingQueue:
             self.nfq = None
 
     def queue_stats(self):
-        return read_queue_stats(self.queue_num)
+        """The kernel's row for this queue; its drops (queue full, socket overrun) are mirrored
+        into wk.stats[DROP_OVERLOAD] so every drop shows under one name."""
+        row = read_queue_stats(self.queue_num)
+        if row:
+            row["overload"] = row["queue_dropped"] + row["user_dropped"]
+            self.wk.stats[C.DROP_OVERLOAD] = row["overload"]
+        return row
 
 
 def read_queue_stats(queue_num):

@@ -23,7 +23,7 @@ from dataplane import consts as C
 from dataplane import nat as N
 from dataplane import parse as P
 from dataplane import tables as T
-from dataplane.csum import JIT
+from dataplane.csum import JIT, csum_replace2, csum_replace4, rd16, rd32, wr16, wr32
 from dataplane.sched import schedule
 
 SWEEP_PER_PACKET = 2
@@ -131,90 +131,92 @@ def pick_dest(cfg, wk, svc_id, proto, caddr, cport, vaddr, vport, now_ns):
 
 
 @njit(**JIT)
-def process_packet(cfg, wk, buf, o, length, mark, now_ns, p, q):
-    """Run one packet through the stages; return its verdict."""
-    st = P.parse_packet(buf, o, length, p)
-    if st == P.PARSE_NOT_IPV4:
+def new_conn(cfg, wk, proto, saddr, sport, daddr, dport, tflags, mark, now_ns):
+    """A client packet that matched no connection. Returns cid * 2 (direction in) when a
+    connection was made, else -1 - verdict (the verdict to give, its reason counted)."""
+    svc_id = svc_lookup(cfg, proto, daddr, dport, mark)
+    res = np.int64(-1 - C.VERDICT_ACCEPT)
+    if svc_id == 0:
         wk.stats[C.STAT_NOT_OURS] += 1
-        return C.VERDICT_ACCEPT
-    if st != P.PARSE_OK:
-        wk.stats[C.DROP_MALFORMED] += 1
-        return C.VERDICT_DROP
-    if p[P.P_IHL] > 20:
-        wk.stats[C.STAT_IP_OPTIONS] += 1
-    proto = p[P.P_PROTO]
-    l4 = p[P.P_L4OFF]
-    nbytes = p[P.P_TOTLEN]
-
-    if proto == C.IPPROTO_ICMP:
-        return _icmp(cfg, wk, buf, o, p, q)
-    if proto != C.IPPROTO_TCP and proto != C.IPPROTO_UDP:
-        wk.stats[C.STAT_NOT_OURS] += 1
-        return C.VERDICT_ACCEPT
-    if p[P.P_FRAG] != 0 and p[P.P_FRAG_FIRST] == 0:
-        # A later fragment carries no ports, so it cannot be matched to a connection. The
-        # kernel reassembles before the raw table when conntrack is loaded (our CT rule loads
-        # it), so this is rare: drop it if it is for a service address, count it either way.
-        wk.stats[C.DROP_FRAGMENT] += 1
-        return C.VERDICT_DROP
-
-    saddr = p[P.P_SADDR]
-    daddr = p[P.P_DADDR]
-    sport = p[P.P_SPORT]
-    dport = p[P.P_DPORT]
-    tflags = p[P.P_TCPFLAGS]
-    l4_complete = p[P.P_FRAG] == 0
-
-    k0, k1 = CT.make_key(saddr, daddr, sport, dport, proto)
-    v = CT.idx_lookup(wk, k0, k1)
-    cid = np.int64(0)
-    direction = C.DIR_IN
-    if v != 0:
-        cid = v >> 1
-        direction = v & 1
-        c = wk.conn[cid]
-        expired = c['expire_ns'] <= now_ns
-        reuse = (direction == C.DIR_IN and proto == C.IPPROTO_TCP
-                 and (tflags & (C.TH_SYN | C.TH_ACK | C.TH_RST)) == C.TH_SYN
-                 and CT.is_new_conn_expected(c))
-        if expired or reuse:
-            if reuse:
-                wk.stats[C.STAT_CONN_REUSED] += 1
-            else:
-                wk.stats[C.STAT_CONN_EXPIRED] += 1
-            CT.conn_free(wk, cid)
-            cid = 0
-            direction = C.DIR_IN
-
-    if cid == 0:
-        svc_id = svc_lookup(cfg, proto, daddr, dport, np.int64(mark))
-        if svc_id == 0:
-            wk.stats[C.STAT_NOT_OURS] += 1
-            return C.VERDICT_ACCEPT
-        if proto == C.IPPROTO_TCP and (tflags & (C.TH_SYN | C.TH_ACK | C.TH_RST)) != C.TH_SYN:
-            wk.stats[C.STAT_NOT_SYN] += 1
-            return C.VERDICT_ACCEPT
+    elif proto == C.IPPROTO_TCP and (tflags & (C.TH_SYN | C.TH_ACK | C.TH_RST)) != C.TH_SYN:
+        wk.stats[C.STAT_NOT_SYN] += 1
+    else:
         d, template = pick_dest(cfg, wk, svc_id, proto, saddr, sport, daddr, dport, now_ns)
+        res = np.int64(-1 - C.VERDICT_DROP)
         if d == 0:
             wk.stats[C.DROP_NO_DEST] += 1
-            return C.VERDICT_DROP
-        if d < 0:
+        elif d < 0:
             wk.stats[C.DROP_CONN_FULL] += 1
-            return C.VERDICT_DROP
-        cid = CT.conn_new(wk, cfg, svc_id, d, proto, saddr, sport, daddr, dport, now_ns, template)
-        if cid == 0:
-            wk.stats[C.DROP_CONN_FULL] += 1
-            return C.VERDICT_DROP
+        else:
+            cid = CT.conn_new(wk, cfg, svc_id, d, proto, saddr, sport, daddr, dport, now_ns,
+                              template)
+            if cid == 0:
+                wk.stats[C.DROP_CONN_FULL] += 1
+            else:
+                res = cid * 2
+    return res
 
-    c = wk.conn[cid]
-    if proto == C.IPPROTO_TCP:
-        CT.tcp_transition(wk, cfg, cid, direction, tflags, now_ns)
+
+@njit(**JIT)
+def slow_path(cfg, wk, buf, o, length, p, q, now_ns):
+    """Packets the fast path does not classify: not IPv4, malformed, ICMP, later fragments,
+    protocols we do not balance. Returns a verdict."""
+    st = P.parse_packet(buf, o, length, p)
+    v = C.VERDICT_ACCEPT
+    if st == P.PARSE_NOT_IPV4:
+        wk.stats[C.STAT_NOT_OURS] += 1
+    elif st != P.PARSE_OK:
+        wk.stats[C.DROP_MALFORMED] += 1
+        v = C.VERDICT_DROP
+    elif p[P.P_PROTO] == C.IPPROTO_ICMP:
+        v = _icmp(cfg, wk, buf, o, p, q)
+    elif p[P.P_PROTO] != C.IPPROTO_TCP and p[P.P_PROTO] != C.IPPROTO_UDP:
+        wk.stats[C.STAT_NOT_OURS] += 1
+    elif p[P.P_FRAG] != 0 and p[P.P_FRAG_FIRST] == 0:
+        v = _later_fragment(cfg, wk, buf, o, p, now_ns)
     else:
-        c['expire_ns'] = now_ns + cfg.timeouts_ns[c['state']]
-    N.nat_rewrite(buf, o, proto, l4, l4_complete, direction, c)
-    _count(wk, np.int64(c['svc']), np.int64(c['dest']), direction, nbytes)
-    wk.stats[C.STAT_REWRITTEN] += 1
-    return C.VERDICT_REWRITE
+        # A well-formed TCP/UDP packet reaches here only when the fast path's own checks
+        # disagreed with parse_packet, which they must not: count it rather than guess.
+        wk.stats[C.DROP_MALFORMED] += 1
+        v = C.VERDICT_DROP
+    return v
+
+
+@njit(**JIT)
+def _frag_slot(saddr, daddr, ip_id, proto, mask):
+    k0, k1 = CT.make_key(saddr, daddr, ip_id, 0, proto)
+    return k0, k1, CT._slot(k0, k1, mask)
+
+
+@njit(**JIT)
+def remember_fragment(wk, saddr, daddr, ip_id, proto, val, now_ns):
+    """A first fragment was balanced: let its later fragments (which carry no ports) find the
+    connection by (addresses, protocol, IP id) for FRAG_TIMEOUT_NS. Direct-mapped: a collision
+    forgets the older datagram, whose later fragments are then dropped and counted."""
+    k0, k1, i = _frag_slot(saddr, daddr, ip_id, proto, len(wk.frag_val) - 1)
+    wk.frag_k0[i] = k0
+    wk.frag_k1[i] = k1
+    wk.frag_val[i] = val
+    wk.frag_exp[i] = now_ns + T.FRAG_TIMEOUT_NS
+
+
+@njit(**JIT)
+def _later_fragment(cfg, wk, buf, o, p, now_ns):
+    ip_id = rd16(buf, o + P.IP_ID)
+    k0, k1, i = _frag_slot(p[P.P_SADDR], p[P.P_DADDR], ip_id, p[P.P_PROTO], len(wk.frag_val) - 1)
+    v = C.VERDICT_DROP
+    if wk.frag_k0[i] == k0 and wk.frag_k1[i] == k1 and wk.frag_exp[i] > now_ns:
+        val = np.int64(wk.frag_val[i])
+        cid = val >> 1
+        c = wk.conn[cid]
+        if c['flags'] != 0:
+            N.nat_rewrite(buf, o, p[P.P_PROTO], p[P.P_L4OFF], False, val & 1, c)
+            _count(wk, np.int64(c['svc']), np.int64(c['dest']), val & 1, p[P.P_TOTLEN])
+            wk.stats[C.STAT_FRAG_XLATE] += 1
+            v = C.VERDICT_REWRITE
+    if v == C.VERDICT_DROP:
+        wk.stats[C.DROP_FRAGMENT] += 1
+    return v
 
 
 @njit(**JIT)
@@ -252,11 +254,155 @@ def _icmp(cfg, wk, buf, o, p, q):
 @njit(**JIT)
 def process_batch(cfg, wk, buf, off, length, cap, mark, verdict, n, now_ns, tx):
     """Process packets 0..n-1 of a batch in place; fill verdict[i] (and length[i] if it
-    changes). Also expires a bounded number of connections, more when the batch is empty."""
+    changes). Also expires a bounded number of connections, more when the batch is empty.
+
+    The established-connection path is written out here, in one function body, on purpose:
+    every numba call that passes arrays and branches inside costs NRT reference counting that
+    LLVM cannot prune (about 150 ns per call on the reference machine, more than the whole
+    packet). Everything rarer (new connections, ICMP, fragments, bad packets) calls out.
+    """
     p = np.zeros(P.N_P, np.int64)
     q = np.zeros(P.N_P, np.int64)
+    conn = wk.conn
+    idx_k0 = wk.idx_k0
+    idx_k1 = wk.idx_k1
+    idx_val = wk.idx_val
+    stats = wk.stats
+    active = wk.active
+    inactive = wk.inactive
+    svc_cnt = wk.svc_cnt
+    dest_cnt = wk.dest_cnt
+    timeouts = cfg.timeouts_ns
+    mask = len(idx_val) - 1
     for i in range(n):
-        wk.stats[C.STAT_PKTS] += 1
-        verdict[i] = process_packet(cfg, wk, buf, off[i], np.int64(length[i]),
-                                    np.int64(mark[i]), now_ns, p, q)
+        stats[C.STAT_PKTS] += 1
+        o = off[i]
+        plen = np.int64(length[i])
+        # --- classify: IPv4, TCP/UDP, no later fragment, sane lengths -------------------------
+        fast = plen >= 28
+        proto = np.int64(0)
+        ihl = np.int64(0)
+        tot = np.int64(0)
+        frag = np.int64(0)
+        tflags = np.int64(0)
+        if fast:
+            vi = np.int64(buf[o])
+            ihl = (vi & 0xF) * 4
+            tot = rd16(buf, o + P.IP_TOT_LEN)
+            frag = rd16(buf, o + P.IP_FRAG_OFF)
+            proto = np.int64(buf[o + P.IP_PROTOCOL])
+            fast = ((vi >> 4) == 4 and ihl >= 20 and tot >= ihl + 8 and tot <= plen
+                    and (frag & P.IP_OFFSET) == 0)
+            if fast and proto == C.IPPROTO_TCP:
+                doff = (np.int64(buf[o + ihl + P.TCP_DOFF]) >> 4) * 4
+                fast = tot - ihl >= 20 and doff >= 20 and doff <= tot - ihl
+                tflags = np.int64(buf[o + ihl + P.TCP_FLAGS])
+            elif fast and proto == C.IPPROTO_UDP:
+                ulen = rd16(buf, o + ihl + P.UDP_LEN)
+                fast = ulen >= 8 and (ulen <= tot - ihl or (frag & P.IP_MF) != 0)
+            else:
+                fast = False
+        if not fast:
+            verdict[i] = slow_path(cfg, wk, buf, o, plen, p, q, now_ns)
+            continue
+        l4 = o + ihl
+        saddr = rd32(buf, o + P.IP_SADDR)
+        daddr = rd32(buf, o + P.IP_DADDR)
+        sport = rd16(buf, l4)
+        dport = rd16(buf, l4 + 2)
+        if ihl > 20:
+            stats[C.STAT_IP_OPTIONS] += 1
+        # --- connection lookup (either direction) ---------------------------------------------
+        k0, k1 = CT.make_key(saddr, daddr, sport, dport, proto)
+        j = CT._slot(k0, k1, mask)
+        val = np.int64(0)
+        while True:
+            v = idx_val[j]
+            if v == 0:
+                break
+            if idx_k0[j] == k0 and idx_k1[j] == k1:
+                val = np.int64(v)
+                break
+            j = (j + 1) & mask
+        if val != 0:
+            c = conn[val >> 1]
+            if c['expire_ns'] <= now_ns:
+                stats[C.STAT_CONN_EXPIRED] += 1
+                CT.conn_free(wk, val >> 1)
+                val = 0
+            elif ((val & 1) == C.DIR_IN and proto == C.IPPROTO_TCP
+                    and (tflags & (C.TH_SYN | C.TH_ACK | C.TH_RST)) == C.TH_SYN
+                    and (c['state'] == C.IP_VS_TCP_S_TIME_WAIT or c['state'] == C.IP_VS_TCP_S_CLOSE)):
+                # IPVS conn_reuse_mode 1: a new SYN on a finished connection opens a new one.
+                stats[C.STAT_CONN_REUSED] += 1
+                CT.conn_free(wk, val >> 1)
+                val = 0
+        if val == 0:
+            r = new_conn(cfg, wk, proto, saddr, sport, daddr, dport, tflags, np.int64(mark[i]), now_ns)
+            if r < 0:
+                verdict[i] = -1 - r
+                continue
+            val = r
+        cid = val >> 1
+        direction = val & 1
+        c = conn[cid]
+        # --- state machine and timeout (IPVS set_tcp_state) -----------------------------------
+        st = np.int64(c['state'])
+        if proto == C.IPPROTO_TCP:
+            ev = CT.tcp_event(tflags)
+            if ev >= 0:
+                ns = np.int64(C.TCP_STATES[(C.TCP_DIR_INPUT if direction == C.DIR_IN
+                                            else C.TCP_DIR_OUTPUT) + ev, st])
+                if ns != st:
+                    d = c['dest']
+                    if (c['flags'] & C.IP_VS_CONN_F_INACTIVE) == 0:
+                        if ns != C.IP_VS_TCP_S_ESTABLISHED:
+                            active[d] -= 1
+                            inactive[d] += 1
+                            c['flags'] |= C.IP_VS_CONN_F_INACTIVE
+                    elif ns == C.IP_VS_TCP_S_ESTABLISHED:
+                        active[d] += 1
+                        inactive[d] -= 1
+                        c['flags'] &= ~C.IP_VS_CONN_F_INACTIVE
+                    c['state'] = ns
+                    st = ns
+        c['expire_ns'] = now_ns + timeouts[st]
+        # --- rewrite (masquerading), incremental checksums ------------------------------------
+        ck = l4 + (P.TCP_CHECK if proto == C.IPPROTO_TCP else P.UDP_CHECK)
+        ipck = rd16(buf, o + P.IP_CHECK)
+        l4ck = rd16(buf, ck)
+        if direction == C.DIR_IN:
+            a_at = o + P.IP_DADDR
+            old_a = daddr
+            new_a = np.int64(c['daddr'])
+            p_at = l4 + 2
+            old_p = dport
+            new_p = np.int64(c['dport'])
+        else:
+            a_at = o + P.IP_SADDR
+            old_a = saddr
+            new_a = np.int64(c['vaddr'])
+            p_at = l4
+            old_p = sport
+            new_p = np.int64(c['vport'])
+        wr32(buf, a_at, new_a)
+        wr16(buf, p_at, new_p)
+        wr16(buf, o + P.IP_CHECK, csum_replace4(ipck, old_a, new_a))
+        if not (proto == C.IPPROTO_UDP and l4ck == 0):     # UDP without checksum stays so
+            l4ck = csum_replace2(csum_replace4(l4ck, old_a, new_a), old_p, new_p)
+            if proto == C.IPPROTO_UDP and l4ck == 0:
+                l4ck = 0xFFFF
+            wr16(buf, ck, l4ck)
+        if (frag & P.IP_MF) != 0:
+            remember_fragment(wk, saddr, daddr, rd16(buf, o + P.IP_ID), proto, val, now_ns)
+        # --- counters -------------------------------------------------------------------------
+        sv = c['svc']
+        d = c['dest']
+        col = T.CNT_INPKTS if direction == C.DIR_IN else T.CNT_OUTPKTS
+        svc_cnt[sv, col] += 1
+        svc_cnt[sv, col + 2] += tot
+        dest_cnt[d, col] += 1
+        dest_cnt[d, col + 2] += tot
+        stats[C.STAT_REWRITTEN] += 1
+        verdict[i] = C.VERDICT_REWRITE
     CT.sweep(wk, cfg, now_ns, SWEEP_IDLE if n == 0 else SWEEP_PER_PACKET * n + 16)

@@ -127,7 +127,15 @@ Worker = namedtuple("Worker", [
     "svc_cnt",      # uint64[MAX_SVC, N_CNT]
     "dest_cnt",     # uint64[MAX_DEST, N_CNT]
     "stats",        # uint64[N_STATS]: drop reasons and global counters (consts.DROP_* / STAT_*)
+    # Later fragments carry no ports: the first fragment's connection is remembered here by
+    # (saddr, daddr, IP id, proto), direct-mapped (make_key(saddr, daddr, id, 0, proto)).
+    "frag_k0",      # uint64[FRAG_SLOTS]
+    "frag_k1",      # uint64[FRAG_SLOTS]
+    "frag_val",     # uint32[FRAG_SLOTS]: conn_id * 2 + direction
+    "frag_exp",     # int64[FRAG_SLOTS]: expiry, ns
 ])
+FRAG_SLOTS = 4096
+FRAG_TIMEOUT_NS = 30 * C.NS     # the kernel's ipfrag_time default
 
 
 Tx = namedtuple("Tx", [
@@ -194,6 +202,10 @@ def new_worker(max_conns=1 << 20):
         svc_cnt=np.zeros((MAX_SVC, N_CNT), np.uint64),
         dest_cnt=np.zeros((MAX_DEST, N_CNT), np.uint64),
         stats=np.zeros(C.N_STATS, np.uint64),
+        frag_k0=np.zeros(FRAG_SLOTS, np.uint64),
+        frag_k1=np.zeros(FRAG_SLOTS, np.uint64),
+        frag_val=np.zeros(FRAG_SLOTS, np.uint32),
+        frag_exp=np.zeros(FRAG_SLOTS, np.int64),
     )
 
 

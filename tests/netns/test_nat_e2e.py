@@ -20,7 +20,7 @@ from control.labrun import LvsDp
 pytestmark = pytest.mark.netns
 EXAMPLES = REPO_ROOT / "examples"
 BACKENDS = ["netlink", "nfqueue"]
-DEFAULT_BACKEND = "nfqueue"
+DEFAULT_BACKEND = "netlink"
 
 
 @pytest.fixture(scope="module")

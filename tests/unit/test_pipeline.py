@@ -209,7 +209,7 @@ def test_ip_options_are_handled():
     assert wk.stats[C.STAT_IP_OPTIONS] == 1
 
 
-def test_later_fragment_is_counted():
+def test_later_fragment_without_first_is_counted():
     cfg, wk, _, _ = build()
     frag = IP(src=CLIENT, dst=VIP, proto=6, frag=100) / Raw(b"x" * 40)
     v, _ = one(cfg, wk, frag)
