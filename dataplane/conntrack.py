@@ -26,7 +26,7 @@ from numba import njit
 
 from dataplane import consts as C
 from dataplane import tables as T
-from dataplane.csum import JIT
+from dataplane.csum import INLINE, JIT
 
 _M1 = np.uint64(0x9E3779B97F4A7C15)
 _M2 = np.uint64(0xC2B2AE3D27D4EB4F)
@@ -36,14 +36,14 @@ _S29 = np.uint64(29)
 _ZERO = np.uint32(0)
 
 
-@njit(**JIT)
+@njit(**INLINE)
 def make_key(saddr, daddr, sport, dport, proto):
     k0 = (np.uint64(saddr) << _S32) | np.uint64(daddr)
     k1 = (np.uint64(proto) << _S32) | (np.uint64(sport) << _S16) | np.uint64(dport)
     return k0, k1
 
 
-@njit(**JIT)
+@njit(**INLINE)
 def _slot(k0, k1, mask):
     h = k0 * _M1 ^ (k1 + (k1 << _S16)) * _M2
     h ^= h >> _S29
@@ -254,7 +254,7 @@ def conn_free(wk, cid):
     wk.ctl[T.CTL_FREE_TOP] = top + 1
 
 
-@njit(**JIT)
+@njit(**INLINE)
 def tcp_event(tcp_flags):
     """IPVS's tcp_state_idx: rst wins, then syn, fin, ack."""
     if tcp_flags & C.TH_RST:

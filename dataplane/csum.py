@@ -11,26 +11,29 @@ import numpy as np
 from numba import njit
 
 JIT = dict(cache=True, nogil=True)
+# Tiny scalar helpers of the per-packet path: inlined into their callers at numba IR level, so
+# the fast path pays no call (and no array reference counting) for them.
+INLINE = dict(cache=True, nogil=True, inline="always")
 
 
-@njit(**JIT)
+@njit(**INLINE)
 def rd16(buf, o):
     return (np.int64(buf[o]) << 8) | np.int64(buf[o + 1])
 
 
-@njit(**JIT)
+@njit(**INLINE)
 def rd32(buf, o):
     return ((np.int64(buf[o]) << 24) | (np.int64(buf[o + 1]) << 16)
             | (np.int64(buf[o + 2]) << 8) | np.int64(buf[o + 3]))
 
 
-@njit(**JIT)
+@njit(**INLINE)
 def wr16(buf, o, v):
     buf[o] = (v >> 8) & 0xFF
     buf[o + 1] = v & 0xFF
 
 
-@njit(**JIT)
+@njit(**INLINE)
 def wr32(buf, o, v):
     buf[o] = (v >> 24) & 0xFF
     buf[o + 1] = (v >> 16) & 0xFF
@@ -38,21 +41,21 @@ def wr32(buf, o, v):
     buf[o + 3] = v & 0xFF
 
 
-@njit(**JIT)
+@njit(**INLINE)
 def fold(s):
     s = (s & 0xFFFF) + (s >> 16)
     s = (s & 0xFFFF) + (s >> 16)
     return (s & 0xFFFF) + (s >> 16)
 
 
-@njit(**JIT)
+@njit(**INLINE)
 def csum_replace2(check, old, new):
     """RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m') for one 16-bit word."""
     s = (~check & 0xFFFF) + (~old & 0xFFFF) + (new & 0xFFFF)
     return ~fold(s) & 0xFFFF
 
 
-@njit(**JIT)
+@njit(**INLINE)
 def csum_replace4(check, old, new):
     s = ((~check & 0xFFFF) + (~(old >> 16) & 0xFFFF) + (~old & 0xFFFF)
          + ((new >> 16) & 0xFFFF) + (new & 0xFFFF))
