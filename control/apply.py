@@ -63,8 +63,13 @@ class ServiceSpec:
 class TableWriter:
     """Owns id allocation and writes Config rows. Not thread-safe: one control thread calls it."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, on_new_laddr=None):
         self.cfg = cfg
+        # FULLNAT local addresses keep one id for their life, shared by every service whose
+        # pool holds them, so each worker's port FIFO of an address survives reloads.
+        self.laddr_ids = {}      # address -> laddr id
+        self._free_laddr = list(range(T.MAX_LADDR - 1, 0, -1))
+        self.on_new_laddr = on_new_laddr      # callback(laddr_id, addr): set up worker state
         self.svc_ids = {}        # service key -> id
         self.dest_ids = {}       # (service key, dest key, is_sorry) -> id
         self.specs = {}          # service key -> ServiceSpec
@@ -183,6 +188,7 @@ class TableWriter:
         row["fwmark"] = spec.fwmark
         row["port"] = spec.port
         row["sorry_dest"] = sorry_id
+        self._write_laddrs(sid, spec)
         row["flags"] = spec.flags
         row["persist_timeout_s"] = spec.persist_timeout_s
         row["persist_mask"] = T.ip2int(spec.persist_mask)
@@ -192,6 +198,26 @@ class TableWriter:
         row["proto"] = spec.proto
         if old is None:
             self._hash_insert(self._hkey(spec), sid)
+
+    def _write_laddrs(self, sid, spec):
+        if len(spec.laddrs) > T.MAX_LADDR_PER_SVC:
+            raise ValueError(f"{spec.source}: more than {T.MAX_LADDR_PER_SVC} local addresses")
+        ids = []
+        for a in spec.laddrs:
+            lid = self.laddr_ids.get(a)
+            if lid is None:
+                if not self._free_laddr:
+                    raise ValueError(f"{spec.source}: more than {T.MAX_LADDR - 1} local addresses")
+                lid = self._free_laddr.pop()
+                self.laddr_ids[a] = lid
+                self.cfg.laddr[lid] = T.ip2int(a)
+                if self.on_new_laddr:
+                    self.on_new_laddr(lid, a)      # before any service can reach it
+            ids.append(lid)
+        row = self.cfg.svc[sid]
+        self.cfg.svc_laddrs[sid, :len(ids)] = ids
+        self.cfg.svc_laddrs[sid, len(ids):] = 0
+        row["n_laddrs"] = len(ids)
 
     def _write_dest(self, did, sid, d, extra_flags):
         row = self.cfg.dest[did]
@@ -281,6 +307,19 @@ def specs_from_config(config):
             notes.append(f"{where}: lb_algo {vs.lb_algo} not implemented, using wlc")
             sched = C.SCHED_WLC
         flags = 0
+        laddrs = []
+        if fwd == C.FWD_FULLNAT:
+            # The parser already reported a missing or undefined group as an error.
+            laddrs = [a for a in config.local_address_groups.get(vs.laddr_group_name, ())
+                      if ":" not in a]
+            if vs.toa:
+                flags |= C.SVC_F_TOA
+            if vs.proxy_protocol == "v1":
+                flags |= C.SVC_F_PROXY_V1
+            elif vs.proxy_protocol == "v2":
+                flags |= C.SVC_F_PROXY_V2
+        if vs.syn_proxy:
+            flags |= C.SVC_F_SYNPROXY
         if vs.persistence_timeout:
             flags |= C.SVC_F_PERSISTENT
         if "sh-port" in vs.lb_flags or "mh-port" in vs.lb_flags:
@@ -303,5 +342,5 @@ def specs_from_config(config):
             fwmark=vs.fwmark or 0, sched=sched, fwd=fwd, flags=flags,
             persist_timeout_s=vs.persistence_timeout or 0,
             persist_mask=_mask(vs.persistence_granularity), dests=dests, sorry=sorry,
-            source=where))
+            laddrs=laddrs, source=where))
     return specs, notes

@@ -35,7 +35,8 @@ MAX_SVC = 256           # service ids 1..255
 MAX_DEST = 4096         # real-server ids 1..4095 (over all services, sorry servers included)
 MAX_DEST_PER_SVC = 256
 SVC_HASH_SIZE = 1024    # power of two, >= 2 * MAX_SVC
-MAX_LADDR = 256         # FULLNAT local addresses over all pools
+MAX_LADDR = 256         # FULLNAT local addresses over all pools (ids 1..255, shared by services)
+MAX_LADDR_PER_SVC = 64
 TEMPLATE_KEY_BIT = 0x100
 
 SERVICE_DTYPE = np.dtype([
@@ -50,8 +51,8 @@ SERVICE_DTYPE = np.dtype([
     ("flags", np.uint32),       # SVC_F_*
     ("persist_timeout_s", np.uint32),
     ("persist_mask", np.uint32),    # persistence_granularity as a mask, host order
-    ("laddr_first", np.uint16),     # FULLNAT local-address pool: Config.laddr[first:first+count]
-    ("laddr_count", np.uint16),
+    ("n_laddrs", np.uint16),        # FULLNAT: entries used in Config.svc_laddrs[svc]
+    ("laddr_rr", np.uint16),        # reserved (the round-robin cursor is per worker)
     ("gen", np.uint32),             # bumped by control on every change (diagnostics)
 ])
 
@@ -110,7 +111,8 @@ Config = namedtuple("Config", [
     "svc_hkey",     # uint64[SVC_HASH_SIZE]: service key (see svc_key), 0 = empty
     "svc_hval",     # uint16[SVC_HASH_SIZE]: service id
     "timeouts_ns",  # int64[N_STATES]
-    "laddr",        # uint32[MAX_LADDR]: FULLNAT local addresses, pools are slices
+    "laddr",        # uint32[MAX_LADDR]: FULLNAT local addresses by laddr id (0 unused)
+    "svc_laddrs",   # uint16[MAX_SVC, MAX_LADDR_PER_SVC]: laddr ids of each FULLNAT service's pool
 ])
 
 Worker = namedtuple("Worker", [
@@ -172,6 +174,7 @@ def new_config():
         svc_hval=np.zeros(SVC_HASH_SIZE, np.uint16),
         timeouts_ns=C.DEFAULT_TIMEOUTS_S * C.NS,
         laddr=np.zeros(MAX_LADDR, np.uint32),
+        svc_laddrs=np.zeros((MAX_SVC, MAX_LADDR_PER_SVC), np.uint16),
     )
 
 
