@@ -273,7 +273,7 @@ class TableWriter:
 
 _LB_KIND = {"NAT": C.FWD_MASQ, "FNAT": C.FWD_FULLNAT, "DR": C.FWD_DROUTE, "TUN": C.FWD_TUNNEL}
 # What the data plane forwards today; the others are parsed and reported by `lvs-dp check`.
-SUPPORTED_FWD = (C.FWD_MASQ,)
+SUPPORTED_FWD = (C.FWD_MASQ, C.FWD_FULLNAT)
 
 
 def _mask(granularity):
@@ -300,7 +300,7 @@ def specs_from_config(config):
             continue
         fwd = _LB_KIND.get(vs.lb_kind, C.FWD_MASQ)
         if fwd not in SUPPORTED_FWD:
-            notes.append(f"{where}: lb_kind {vs.lb_kind} not acted on yet (lvs-dp forwards NAT)")
+            notes.append(f"{where}: lb_kind {vs.lb_kind} not acted on yet (lvs-dp forwards NAT and FNAT)")
             continue
         sched = C.SCHED_BY_NAME.get(vs.lb_algo)
         if sched is None:

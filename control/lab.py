@@ -96,6 +96,7 @@ IFACES = {
     "rs4": ("rs4-lb",),
 }
 HTTP_PORT = 80
+PROXY_PROTOCOL_PORT = 8080    # nginx with `listen ... proxy_protocol` on every real server
 UDP_ECHO_PORT = 5353
 
 TMP_GLOB = "lvsdp-lab-{prefix}.*"   # prefixes cannot contain "." so globs never overlap
@@ -394,6 +395,14 @@ class Lab:
             entries.append(d)
         return entries
 
+    def proxy_protocol_log(self, rs: str) -> list[tuple[str, str, str]]:
+        """(client address from the PROXY header, its port, the connection's source address)
+        per request nginx served on PROXY_PROTOCOL_PORT."""
+        path = self.rs_dir(rs) / "pp_access.log"
+        if not path.exists():
+            return []
+        return [tuple(line.split(" ")[:3]) for line in path.read_text().splitlines() if line]
+
     def clear_access_log(self, rs: str | None = None) -> None:
         """Truncate the access log of `rs` (both if None); nginx appends with O_APPEND."""
         for r in ([rs] if rs else RS_KEYS):
@@ -519,6 +528,15 @@ class Lab:
                 keepalive_timeout 65;
                 server {{
                     listen {HTTP_PORT} backlog=4096;
+                    root {d}/html;
+                    location / {{ index index.html; }}
+                }}
+                # The same site behind the PROXY protocol (FULLNAT tests): the log shows the
+                # client address the header carried next to the connection's source.
+                log_format lvsdp_pp '$proxy_protocol_addr $proxy_protocol_port $remote_addr $request';
+                server {{
+                    listen {PROXY_PROTOCOL_PORT} proxy_protocol backlog=4096;
+                    access_log {d}/pp_access.log lvsdp_pp;
                     root {d}/html;
                     location / {{ index index.html; }}
                 }}

@@ -27,6 +27,7 @@ from numba import njit
 from dataplane import consts as C
 from dataplane import tables as T
 from dataplane.csum import INLINE, JIT
+from dataplane.fullnat import lport_free
 
 _M1 = np.uint64(0x9E3779B97F4A7C15)
 _M2 = np.uint64(0xC2B2AE3D27D4EB4F)
@@ -145,9 +146,12 @@ def conn_alloc(wk):
 
 
 @njit(**JIT)
-def conn_new(wk, cfg, svc_id, dest_id, proto, caddr, cport, vaddr, vport, now_ns, template):
+def conn_new(wk, cfg, svc_id, dest_id, proto, caddr, cport, vaddr, vport, now_ns, template,
+             laddr_id, lport):
     """Create a connection (client side keys from the packet, real server from dest_id), insert
-    both index entries and count it. Returns the id, or 0 when the table is full."""
+    both index entries and count it. laddr_id/lport != 0 make it a FULLNAT connection (the port
+    is already taken from the worker's ring; conn_free gives it back). Returns the id, or 0
+    when the table is full."""
     cid = conn_alloc(wk)
     if cid == 0:
         return cid
@@ -160,8 +164,10 @@ def conn_new(wk, cfg, svc_id, dest_id, proto, caddr, cport, vaddr, vport, now_ns
     c['daddr'] = d['addr']
     # A port-0 (all ports) persistent service keeps the client's destination port.
     c['dport'] = d['port'] if d['port'] != 0 else vport
-    c['laddr'] = 0
-    c['lport'] = 0
+    c['laddr'] = cfg.laddr[laddr_id] if laddr_id != 0 else 0
+    c['lport'] = lport
+    c['laddr_id'] = laddr_id
+    c['pp_len'] = 0
     c['proto'] = proto
     c['svc'] = svc_id
     c['dest'] = dest_id
@@ -178,7 +184,9 @@ def conn_new(wk, cfg, svc_id, dest_id, proto, caddr, cport, vaddr, vport, now_ns
         c['state'] = C.IP_VS_ICMP_S_NORMAL
     c['expire_ns'] = now_ns + cfg.timeouts_ns[c['state']]
     # New connections count as active until the state machine says otherwise (ip_vs_bind_dest).
-    c['flags'] = C.CONN_F_IN_USE
+    c['flags'] = C.CONN_F_IN_USE | (C.CONN_F_FULLNAT if laddr_id != 0 else 0)
+    if laddr_id != 0:
+        wk.laddr_conns[laddr_id] += 1
     wk.active[dest_id] += 1
     if template != 0:
         wk.conn[template]['n_control'] += 1
@@ -247,6 +255,10 @@ def conn_free(wk, cid):
         t = c['template']
         if t != 0 and wk.conn[t]['flags'] != 0:
             wk.conn[t]['n_control'] -= 1
+        if flags & C.CONN_F_FULLNAT:
+            lid = np.int64(c['laddr_id'])
+            lport_free(wk.lport_fifo, wk.lport_head, wk.lport_count, lid, np.int64(c['lport']))
+            wk.laddr_conns[lid] -= 1
     c['flags'] = 0
     wk.ctl[T.CTL_N_CONNS] -= 1
     top = wk.ctl[T.CTL_FREE_TOP]

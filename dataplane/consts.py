@@ -139,6 +139,8 @@ IP_VS_CONN_F_INACTIVE = 0x0100   # counted in the destination's inactconns, not 
 IP_VS_CONN_F_TEMPLATE = 0x1000
 CONN_F_FULLNAT = 0x0008
 CONN_F_SYNPROXY = 0x0010
+CONN_F_ISN_SET = 0x0020    # FULLNAT: the RS-side ISN and seq deltas are fixed (first SYN seen)
+CONN_F_PP_ACKED = 0x4000   # FULLNAT: the real server acknowledged the PROXY protocol header
 CONN_F_IN_USE = 0x8000
 
 # --- TCP states, as IPVS numbers them (ip_vs_proto_tcp.c) -----------------------------------------
@@ -179,7 +181,14 @@ DEFAULT_TIMEOUTS_S = np.array([
     120,        # SYNACK
     5 * 60,     # UDP
     60,         # ICMP
+    7,          # FULLNAT TIME_WAIT (DPVS's default)
+    3,          # FULLNAT CLOSE (DPVS's default)
 ], dtype=np.int64)
+# A FULLNAT connection's local port is only free again when its entry expires, so its finished
+# states are held briefly, as DPVS and the patched kernel do: the real server keeps its own
+# TIME_WAIT, and a reused laddr:lport gets a larger ISN (pipeline.fnat_isn) that it accepts.
+TIMEOUT_FNAT_TIME_WAIT = 13
+TIMEOUT_FNAT_CLOSE = 14
 
 # TCP state transition table, IPVS's tcp_states[] verbatim: rows are (direction offset + event),
 # columns the current state. Direction offsets: INPUT (client -> real server) 0, OUTPUT (real

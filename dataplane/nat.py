@@ -88,12 +88,23 @@ def nat_icmp(buf, o, l4, l4len, q, direction, c):
     io = l4 + 8
     iproto = q[P.P_PROTO]
     il4 = q[P.P_L4OFF]
+    fnat = (c['flags'] & C.CONN_F_FULLNAT) != 0
     if direction == C.DIR_OUT:
         set_addr(buf, o, C.IPPROTO_ICMP, l4, False, 0, c['vaddr'])
         set_addr(buf, io, iproto, il4, False, 1, c['vaddr'])
         wr16(buf, il4 + 2, c['vport'])
+        if fnat:
+            # The quote went laddr:lport -> RS; the client must read client -> VIP.
+            set_addr(buf, o, C.IPPROTO_ICMP, l4, False, 1, c['caddr'])
+            set_addr(buf, io, iproto, il4, False, 0, c['caddr'])
+            wr16(buf, il4, c['cport'])
     else:
         set_addr(buf, o, C.IPPROTO_ICMP, l4, False, 1, c['daddr'])
         set_addr(buf, io, iproto, il4, False, 0, c['daddr'])
         wr16(buf, il4, c['dport'])
+        if fnat:
+            # The quote went VIP -> client; the real server must read RS -> laddr:lport.
+            set_addr(buf, o, C.IPPROTO_ICMP, l4, False, 0, c['laddr'])
+            set_addr(buf, io, iproto, il4, False, 1, c['laddr'])
+            wr16(buf, il4 + 2, c['lport'])
     wr16(buf, l4 + P.ICMP_CHECK, icmp_checksum(buf, l4, l4len))

@@ -19,6 +19,7 @@ import numpy as np
 from numba import njit
 
 from dataplane import conntrack as CT
+from dataplane import fullnat as FN
 from dataplane import consts as C
 from dataplane import nat as N
 from dataplane import parse as P
@@ -148,12 +149,23 @@ def new_conn(cfg, wk, proto, saddr, sport, daddr, dport, tflags, mark, now_ns):
         elif d < 0:
             wk.stats[C.DROP_CONN_FULL] += 1
         else:
-            cid = CT.conn_new(wk, cfg, svc_id, d, proto, saddr, sport, daddr, dport, now_ns,
-                              template)
-            if cid == 0:
-                wk.stats[C.DROP_CONN_FULL] += 1
+            lid = np.int64(0)
+            lport = np.int64(0)
+            if cfg.dest[d]['fwd'] == C.FWD_FULLNAT:
+                lid, lport = FN.laddr_bind(cfg.svc_laddrs, svc_id, np.int64(cfg.svc[svc_id]['n_laddrs']),
+                                           wk.lport_fifo, wk.lport_head, wk.lport_count,
+                                           wk.laddr_rr)
+            if lid < 0:
+                wk.stats[C.DROP_LADDR_EXHAUSTED] += 1
             else:
-                res = cid * 2
+                cid = CT.conn_new(wk, cfg, svc_id, d, proto, saddr, sport, daddr, dport, now_ns,
+                                  template, lid, lport)
+                if cid == 0:
+                    wk.stats[C.DROP_CONN_FULL] += 1
+                    if lid > 0:
+                        FN.lport_free(wk.lport_fifo, wk.lport_head, wk.lport_count, lid, lport)
+                else:
+                    res = cid * 2
     return res
 
 
@@ -211,6 +223,12 @@ def _later_fragment(cfg, wk, buf, o, p, now_ns):
         c = wk.conn[cid]
         if c['flags'] != 0:
             N.nat_rewrite(buf, o, p[P.P_PROTO], p[P.P_L4OFF], False, val & 1, c)
+            if c['flags'] & C.CONN_F_FULLNAT:
+                # The other address too (ports live in the first fragment only).
+                if (val & 1) == C.DIR_IN:
+                    N.set_addr(buf, o, p[P.P_PROTO], p[P.P_L4OFF], False, 0, np.int64(c['laddr']))
+                else:
+                    N.set_addr(buf, o, p[P.P_PROTO], p[P.P_L4OFF], False, 1, np.int64(c['caddr']))
             _count(wk, np.int64(c['svc']), np.int64(c['dest']), val & 1, p[P.P_TOTLEN])
             wk.stats[C.STAT_FRAG_XLATE] += 1
             v = C.VERDICT_REWRITE
@@ -249,6 +267,118 @@ def _icmp(cfg, wk, buf, o, p, q):
     _count(wk, np.int64(c['svc']), np.int64(c['dest']), direction, p[P.P_TOTLEN])
     wk.stats[C.STAT_ICMP_XLATE] += 1
     return C.VERDICT_REWRITE
+
+
+_ISN_M = np.uint64(0x9E3779B97F4A7C15)
+
+
+@njit(**JIT)
+def fnat_isn(laddr, lport, daddr, dport, now_ns):
+    """ISN toward the real server (RFC 6528's shape: a hash of the tuple plus a 4 us clock), so a
+    reused laddr:lport -> RS tuple starts above the previous connection's sequence numbers."""
+    k0, k1 = CT.make_key(laddr, daddr, lport, dport, C.IPPROTO_TCP)
+    h = (k0 * _ISN_M) ^ (k1 * _ISN_M)
+    return (np.int64(h >> np.uint64(32)) + now_ns // 4000) & FN.M32
+
+
+@njit(**JIT)
+def fnat_packet(cfg, wk, buf, o, plen, cap, l4, direction, cid, proto, tflags, now_ns):
+    """FULLNAT: rewrite both addresses and ports, and for TCP translate sequence numbers, strip
+    timestamps from the SYN, insert TOA and the PROXY protocol header (dataplane/fullnat.py has
+    the scheme). Returns the packet's new length, or -1 to drop it (counted)."""
+    c = wk.conn[cid]
+    if c['state'] == C.IP_VS_TCP_S_TIME_WAIT and proto == C.IPPROTO_TCP:
+        c['expire_ns'] = now_ns + cfg.timeouts_ns[C.TIMEOUT_FNAT_TIME_WAIT]
+    elif c['state'] == C.IP_VS_TCP_S_CLOSE and proto == C.IPPROTO_TCP:
+        c['expire_ns'] = now_ns + cfg.timeouts_ns[C.TIMEOUT_FNAT_CLOSE]
+    if proto == C.IPPROTO_UDP:
+        if direction == C.DIR_IN:
+            N.set_addr(buf, o, proto, l4, True, 0, np.int64(c['laddr']))
+            N.set_addr(buf, o, proto, l4, True, 1, np.int64(c['daddr']))
+            N.set_port(buf, proto, l4, True, 0, np.int64(c['lport']))
+            N.set_port(buf, proto, l4, True, 1, np.int64(c['dport']))
+        else:
+            N.set_addr(buf, o, proto, l4, True, 0, np.int64(c['vaddr']))
+            N.set_addr(buf, o, proto, l4, True, 1, np.int64(c['caddr']))
+            N.set_port(buf, proto, l4, True, 0, np.int64(c['vport']))
+            N.set_port(buf, proto, l4, True, 1, np.int64(c['cport']))
+        return plen
+    sflags = np.int64(cfg.svc[c['svc']]['flags'])
+    length = plen
+    doff = (np.int64(buf[l4 + P.TCP_DOFF]) >> 4) * 4
+    seq = rd32(buf, l4 + P.TCP_SEQ)
+    ack = rd32(buf, l4 + P.TCP_ACK)
+    if direction == C.DIR_IN:
+        if (tflags & C.TH_SYN) != 0 and (tflags & C.TH_ACK) == 0:
+            FN.ts_strip(buf, o, l4, doff)
+            if (c['flags'] & C.CONN_F_ISN_SET) == 0:
+                isn = fnat_isn(np.int64(c['laddr']), np.int64(c['lport']), np.int64(c['daddr']),
+                               np.int64(c['dport']), now_ns)
+                pp_len = np.int64(0)
+                if sflags & C.SVC_F_PROXY_V1:
+                    pp_len = FN.proxy_v1_header(wk.scratch, np.int64(c['caddr']), np.int64(c['cport']),
+                                                np.int64(c['vaddr']), np.int64(c['vport']))
+                elif sflags & C.SVC_F_PROXY_V2:
+                    pp_len = np.int64(FN.PP_V2_LEN_TCP4)
+                c['aux'] = seq
+                c['pp_len'] = pp_len
+                c['seq_delta_in'] = (isn - seq + pp_len) & FN.M32
+                c['flags'] |= C.CONN_F_ISN_SET
+        client_isn = np.int64(c['aux'])
+        if (sflags & C.SVC_F_TOA) != 0 and FN.toa_wanted(tflags, seq, client_isn):
+            r = FN.toa_insert(buf, o, l4, length, cap, np.int64(c['caddr']), np.int64(c['cport']))
+            if r < 0:
+                wk.stats[C.STAT_TOA_NO_ROOM] += 1
+            else:
+                length = r
+        dseq = np.int64(c['seq_delta_in'])
+        pp_len = np.int64(c['pp_len'])
+        if pp_len > 0:
+            ins, dseq = FN.pp_in_plan(tflags, seq, client_isn, dseq, pp_len,
+                                      (c['flags'] & C.CONN_F_PP_ACKED) != 0)
+            if ins:
+                if sflags & C.SVC_F_PROXY_V1:
+                    n = FN.proxy_v1_header(wk.scratch, np.int64(c['caddr']), np.int64(c['cport']),
+                                           np.int64(c['vaddr']), np.int64(c['vport']))
+                else:
+                    n = FN.proxy_v2_header(wk.scratch, np.int64(c['caddr']), np.int64(c['cport']),
+                                           np.int64(c['vaddr']), np.int64(c['vport']))
+                r = FN.payload_insert(buf, o, l4, length, cap, wk.scratch, n)
+                if r < 0:
+                    # The real server must not see the stream without its header.
+                    wk.stats[C.DROP_TOO_BIG] += 1
+                    return np.int64(-1)
+                length = r
+        doff = (np.int64(buf[l4 + P.TCP_DOFF]) >> 4) * 4
+        dout = np.int64(c['seq_delta_out'])
+        FN.tcp_adjust_seq(buf, l4, dseq, dout)
+        if (tflags & C.TH_ACK) != 0 and doff > 20 and dout != 0:
+            FN.sack_adjust(buf, l4, doff, dout)
+        FN.tcp_set_tuple(buf, o, l4, np.int64(c['laddr']), np.int64(c['daddr']),
+                         np.int64(c['lport']), np.int64(c['dport']))
+    else:
+        if (tflags & C.TH_SYN) != 0 and (tflags & C.TH_ACK) != 0:
+            # Leave room for what the client's first full-size segment may gain on its way.
+            reduce = np.int64(c['pp_len'])
+            if sflags & C.SVC_F_TOA:
+                reduce += FN.TCPOLEN_TOA
+            if reduce > 0:
+                mss = FN.tcp_get_mss(buf, l4, doff)
+                if mss > reduce:
+                    FN.tcp_set_mss(buf, o, l4, doff, mss - reduce)
+        dack = np.int64(0)
+        din = np.int64(c['seq_delta_in'])
+        if tflags & C.TH_ACK:
+            dack, acked = FN.pp_out_ack(ack, np.int64(c['aux']), din)
+            if acked and c['pp_len'] > 0:
+                c['flags'] |= C.CONN_F_PP_ACKED
+        FN.tcp_adjust_seq(buf, l4, np.int64(c['seq_delta_out']), dack)
+        if (tflags & C.TH_ACK) != 0 and doff > 20:
+            FN.sack_adjust(buf, l4, doff, din)
+        FN.tcp_set_tuple(buf, o, l4, np.int64(c['vaddr']), np.int64(c['caddr']),
+                         np.int64(c['vport']), np.int64(c['cport']))
+    return length
+
 
 
 @njit(**JIT)
@@ -367,6 +497,19 @@ def process_batch(cfg, wk, buf, off, length, cap, mark, verdict, n, now_ns, tx):
                     c['state'] = ns
                     st = ns
         c['expire_ns'] = now_ns + timeouts[st]
+        if c['flags'] & C.CONN_F_FULLNAT:
+            r = fnat_packet(cfg, wk, buf, o, plen, np.int64(cap[i]), l4, direction, cid, proto,
+                            tflags, now_ns)
+            if r < 0:
+                verdict[i] = C.VERDICT_DROP
+                continue
+            length[i] = r
+            if (frag & P.IP_MF) != 0:
+                remember_fragment(wk, saddr, daddr, rd16(buf, o + P.IP_ID), proto, val, now_ns)
+            _count(wk, np.int64(c['svc']), np.int64(c['dest']), direction, tot)
+            stats[C.STAT_REWRITTEN] += 1
+            verdict[i] = C.VERDICT_REWRITE
+            continue
         # --- rewrite (masquerading), incremental checksums ------------------------------------
         ck = l4 + (P.TCP_CHECK if proto == C.IPPROTO_TCP else P.UDP_CHECK)
         ipck = rd16(buf, o + P.IP_CHECK)

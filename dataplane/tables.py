@@ -84,7 +84,10 @@ CONN_DTYPE = np.dtype([
     # direction and subtracted from ack in the `out` direction, and the reverse.
     ("seq_delta_in", np.uint32),
     ("seq_delta_out", np.uint32),
-    ("aux", np.uint32),         # per-feature scratch (SYN-proxy state, insertion point, ...)
+    ("aux", np.uint32),         # FULLNAT: the client's ISN (PROXY/TOA stream start)
+    ("laddr_id", np.uint16),    # FULLNAT: row of Config.laddr, to give the port back
+    ("pp_len", np.uint8),       # FULLNAT: length of the PROXY protocol header (0 = none)
+    ("_pad3", np.uint8),
 ])
 
 # Columns of the [n, 5] counter arrays of services and real servers, ipvsadm's --stats order.
@@ -96,6 +99,10 @@ CTL_FREE_TOP = 0        # number of ids on the free stack
 CTL_SWEEP = 1           # expiry sweep cursor into conn[]
 CTL_N_CONNS = 2         # live connections (templates included)
 CTL_N_TEMPLATES = 3
+CTL_WORKER = 4          # this worker's index and the worker count: which local ports it owns
+CTL_N_WORKERS = 5
+CTL_LPORT_LO = 6
+CTL_LPORT_HI = 7
 N_CTL = 8
 
 # Per-service scheduler state columns in Worker.sched (int64)
@@ -135,6 +142,14 @@ Worker = namedtuple("Worker", [
     "frag_k1",      # uint64[FRAG_SLOTS]
     "frag_val",     # uint32[FRAG_SLOTS]: conn_id * 2 + direction
     "frag_exp",     # int64[FRAG_SLOTS]: expiry, ns
+    # FULLNAT local ports (dataplane/fullnat.py): per laddr id a ring of the free ports this
+    # worker owns (replies are steered to the worker by their destination port = lport).
+    "lport_fifo",   # uint16[MAX_LADDR, ports owned]
+    "lport_head",   # int32[MAX_LADDR]
+    "lport_count",  # int32[MAX_LADDR]: free ports
+    "laddr_rr",     # int32[MAX_SVC]: round-robin cursor into Config.svc_laddrs
+    "laddr_conns",  # int32[MAX_LADDR]: live connections per local address
+    "scratch",      # uint8[256]: PROXY headers are built here before insertion
 ])
 FRAG_SLOTS = 4096
 FRAG_TIMEOUT_NS = 30 * C.NS     # the kernel's ipfrag_time default
@@ -186,11 +201,20 @@ def index_size_for(max_conns):
     return size
 
 
-def new_worker(max_conns=1 << 20):
+LPORT_LO = 5000     # default FULLNAT local port range (the patched kernel's fullnat_lport_min/max)
+LPORT_HI = 65535
+
+
+def new_worker(max_conns=1 << 20, worker=0, n_workers=1, port_lo=LPORT_LO, port_hi=LPORT_HI):
+    from dataplane.fullnat import lport_capacity
     idx_size = index_size_for(max_conns)
     free = np.arange(max_conns, 0, -1, dtype=np.int32)    # pop from the end: ids 1, 2, 3 ...
     ctl = np.zeros(N_CTL, np.int64)
     ctl[CTL_FREE_TOP] = max_conns
+    ctl[CTL_WORKER] = worker
+    ctl[CTL_N_WORKERS] = n_workers
+    ctl[CTL_LPORT_LO] = port_lo
+    ctl[CTL_LPORT_HI] = port_hi
     return Worker(
         conn=np.zeros(max_conns + 1, CONN_DTYPE),
         free=free,
@@ -209,6 +233,13 @@ def new_worker(max_conns=1 << 20):
         frag_k1=np.zeros(FRAG_SLOTS, np.uint64),
         frag_val=np.zeros(FRAG_SLOTS, np.uint32),
         frag_exp=np.zeros(FRAG_SLOTS, np.int64),
+        lport_fifo=np.zeros((MAX_LADDR, lport_capacity(port_lo, port_hi, worker, n_workers)),
+                            np.uint16),
+        lport_head=np.zeros(MAX_LADDR, np.int32),
+        lport_count=np.zeros(MAX_LADDR, np.int32),
+        laddr_rr=np.zeros(MAX_SVC, np.int32),
+        laddr_conns=np.zeros(MAX_LADDR, np.int32),
+        scratch=np.zeros(256, np.uint8),
     )
 
 
@@ -220,3 +251,12 @@ def ip2int(s):
 def int2ip(n):
     n = int(n)
     return f"{n >> 24 & 255}.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}"
+
+
+def init_laddr(wk, laddr_id):
+    """Give a new local address its ring of free ports in this worker (called by the control
+    plane before any service's pool refers to the address)."""
+    from dataplane.fullnat import lport_init
+    lport_init(wk.lport_fifo, wk.lport_head, wk.lport_count, laddr_id,
+               int(wk.ctl[CTL_LPORT_LO]), int(wk.ctl[CTL_LPORT_HI]),
+               int(wk.ctl[CTL_WORKER]), int(wk.ctl[CTL_N_WORKERS]))

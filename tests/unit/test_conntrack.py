@@ -63,30 +63,30 @@ def _setup(max_conns=8):
 def test_table_full_then_expiry_frees():
     cfg, wk = _setup(max_conns=8)
     now = 10 * C.NS
-    ids = [CT.conn_new(wk, cfg, 1, 1, 6, 0x0A000001, 1000 + i, 0xAC100164, 80, now, 0)
+    ids = [CT.conn_new(wk, cfg, 1, 1, 6, 0x0A000001, 1000 + i, 0xAC100164, 80, now, 0, 0, 0)
            for i in range(8)]
     assert sorted(ids) == list(range(1, 9))
-    assert CT.conn_new(wk, cfg, 1, 1, 6, 0x0A000001, 2000, 0xAC100164, 80, now, 0) == 0
+    assert CT.conn_new(wk, cfg, 1, 1, 6, 0x0A000001, 2000, 0xAC100164, 80, now, 0, 0, 0) == 0
     assert wk.active[1] == 8
     # All are in state NONE (2 s timeout): a sweep after 3 s frees them all.
     freed = CT.sweep(wk, cfg, now + 3 * C.NS, 100)
     assert freed == 8
     assert wk.ctl[T.CTL_N_CONNS] == 0 and wk.active[1] == 0
     assert int(np.count_nonzero(wk.idx_val)) == 0
-    assert CT.conn_new(wk, cfg, 1, 1, 6, 0x0A000001, 2000, 0xAC100164, 80, now, 0) != 0
+    assert CT.conn_new(wk, cfg, 1, 1, 6, 0x0A000001, 2000, 0xAC100164, 80, now, 0, 0, 0) != 0
 
 
 def test_sweep_is_bounded():
     cfg, wk = _setup(max_conns=1000)
     for i in range(1000):
-        CT.conn_new(wk, cfg, 1, 1, 6, 0x0A000001, i, 0xAC100164, 80, 0, 0)
+        CT.conn_new(wk, cfg, 1, 1, 6, 0x0A000001, i, 0xAC100164, 80, 0, 0, 0, 0)
     assert CT.sweep(wk, cfg, 100 * C.NS, 10) == 10
     assert wk.ctl[T.CTL_N_CONNS] == 990
 
 
 def test_tcp_states_follow_ipvs_table():
     cfg, wk = _setup()
-    cid = CT.conn_new(wk, cfg, 1, 1, 6, 1, 1, 2, 80, 0, 0)
+    cid = CT.conn_new(wk, cfg, 1, 1, 6, 1, 1, 2, 80, 0, 0, 0, 0)
     seq = [(C.DIR_IN, C.TH_SYN, C.IP_VS_TCP_S_SYN_RECV),
            (C.DIR_OUT, C.TH_SYN | C.TH_ACK, C.IP_VS_TCP_S_SYN_RECV),
            (C.DIR_IN, C.TH_ACK, C.IP_VS_TCP_S_ESTABLISHED),
@@ -105,7 +105,7 @@ def test_template_outlives_its_connections():
     cfg, wk = _setup()
     cfg.svc[1]["persist_timeout_s"] = 50
     t = CT.template_new(wk, 1, 1, 6, 0x0A000000, 0xAC100164, 80, 50 * C.NS, 0)
-    cid = CT.conn_new(wk, cfg, 1, 1, 6, 0x0A000001, 5, 0xAC100164, 80, 0, t)
+    cid = CT.conn_new(wk, cfg, 1, 1, 6, 0x0A000001, 5, 0xAC100164, 80, 0, t, 0, 0)
     CT.tcp_transition(wk, cfg, cid, C.DIR_IN, C.TH_ACK, 0)   # NONE + ack -> CLOSE (10 s)
     wk.conn[cid]["expire_ns"] = 100 * C.NS
     CT.sweep(wk, cfg, 60 * C.NS, 10)          # template expired but controls cid: re-armed

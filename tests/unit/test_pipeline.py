@@ -18,10 +18,12 @@ NOW = 1000 * C.NS
 def build(sched=C.SCHED_RR, proto=C.IPPROTO_TCP, port=80, dests=((RS3, 80, 1), (RS4, 80, 1)),
           max_conns=1024, **kw):
     cfg = T.new_config()
-    wk = T.new_worker(max_conns=max_conns)
-    tw = TableWriter(cfg)
-    spec = ServiceSpec(proto=proto, addr=VIP, port=port, sched=sched,
-                       dests=[DestSpec(a, p, w) for a, p, w in dests], **kw)
+    wk = T.new_worker(max_conns=max_conns, port_lo=kw.pop("port_lo", T.LPORT_LO),
+                      port_hi=kw.pop("port_hi", T.LPORT_HI))
+    tw = TableWriter(cfg, on_new_laddr=lambda lid, _addr: T.init_laddr(wk, lid))
+    fwd = kw.pop("fwd", C.FWD_MASQ)
+    spec = ServiceSpec(proto=proto, addr=VIP, port=port, sched=sched, fwd=fwd,
+                       dests=[DestSpec(a, p, w, fwd) for a, p, w in dests], **kw)
     tw.sync([spec])
     return cfg, wk, tw, spec
 

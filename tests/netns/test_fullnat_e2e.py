@@ -1,0 +1,214 @@
+"""FULLNAT end to end through `lvs-dp run` in the seed lab, with the real servers cut off from the
+client network: they have no route to 172.16.1.0/24 at all, and answer the balancer's local
+addresses (172.16.2.200/201, on its real-server side) instead."""
+
+import hashlib
+import json
+import os
+import re
+import textwrap
+
+import pytest
+
+from control.lab import Lab, REPO_ROOT
+from control.labrun import LvsDp
+
+pytestmark = pytest.mark.netns
+CONF = REPO_ROOT / "examples" / "seed-fnat.conf"
+LADDRS = ("172.16.2.200", "172.16.2.201")
+
+
+@pytest.fixture(scope="module")
+def lab():
+    with Lab(f"fn{os.getpid() % 10000}", udp_echo=True, bulk_mb=50, replace=True) as lab:
+        for a in LADDRS:
+            lab.run("lb", f"ip addr add {a}/24 dev br0")
+        for rs in ("rs3", "rs4"):
+            lab.run(rs, "ip route del 172.16.1.0/24")
+            assert "172.16.1.0" not in lab.run(rs, "ip route").stdout
+        yield lab
+
+
+def test_real_servers_without_a_route_back_serve_through_the_vip(lab):
+    lab.clear_access_log()
+    with LvsDp(lab, CONF) as lb:
+        bodies = [lab.curl(f"http://{lab.vip}/").stdout.strip() for _ in range(10)]
+        assert bodies == ["<h1>Hello Server3</h1>", "<h1>Hello Server4</h1>"] * 5
+        # The real servers saw local addresses, never the client.
+        seen = {e["remote_addr"] for rs in ("rs3", "rs4") for e in lab.access_log(rs)}
+        assert seen == set(LADDRS)
+        table = lb.list()
+        assert re.search(r"-> 172\.16\.2\.13:80\s+FullNat\s+1\s", table), table
+        g = lb.list("-G")
+        assert "172.16.1.100:80" in g and "172.16.2.200" in g and "172.16.2.201" in g
+
+
+def test_proxy_protocol_v2_gives_nginx_the_client_address(lab):
+    with LvsDp(lab, CONF):
+        for _ in range(4):
+            assert "Hello Server" in lab.curl(f"http://{lab.vip}:8080/").stdout
+        entries = lab.proxy_protocol_log("rs3") + lab.proxy_protocol_log("rs4")
+    assert len(entries) == 4
+    assert {e[0] for e in entries} == {lab.client_ip}       # $proxy_protocol_addr
+    assert {e[2] for e in entries} <= set(LADDRS)            # $remote_addr
+
+
+UPLOAD_SINK = textwrap.dedent(r"""
+    import hashlib, socket, struct, sys
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", 9000)); s.listen(8)
+    print("ready", flush=True)
+    while True:
+        c, peer = s.accept()
+        hdr = b""
+        while len(hdr) < 16:
+            hdr += c.recv(16 - len(hdr))
+        assert hdr[:12] == b"\r\n\r\n\x00\r\nQUIT\n", hdr
+        rest = struct.unpack("!H", hdr[14:16])[0]
+        body = b""
+        while len(body) < rest:
+            body += c.recv(rest - len(body))
+        client = socket.inet_ntoa(body[0:4]); cport = struct.unpack("!H", body[8:10])[0]
+        h = hashlib.sha256(); n = 0
+        while True:
+            b = c.recv(1 << 16)
+            if not b:
+                break
+            h.update(b); n += len(b)
+        c.sendall(f"{h.hexdigest()} {n} {client} {peer[0]}\n".encode()); c.close()
+""")
+
+UPLOADER = textwrap.dedent(r"""
+    import hashlib, random, socket
+    data = random.Random(7).randbytes(50 << 20)
+    s = socket.create_connection(("172.16.1.100", 9000), timeout=60)
+    s.sendall(data)          # the first segment is full-size
+    s.shutdown(socket.SHUT_WR)
+    reply = b""
+    while not reply.endswith(b"\n"):
+        b = s.recv(4096)
+        if not b:
+            break
+        reply += b
+    print(hashlib.sha256(data).hexdigest(), reply.decode().strip())
+""")
+
+
+def test_50mb_each_way_through_fullnat_and_proxy_protocol(lab, tmp_path):
+    conf = tmp_path / "fnat-upload.conf"
+    conf.write_text(CONF.read_text() + textwrap.dedent("""
+        virtual_server 172.16.1.100 9000 {
+            lb_algo rr
+            lb_kind FNAT
+            protocol TCP
+            laddr_group_name laddr_g1
+            proxy_protocol v2
+            real_server 172.16.2.13 9000 {
+                weight 1
+            }
+        }
+        """))
+    sink = tmp_path / "sink.py"
+    sink.write_text(UPLOAD_SINK)
+    proc = lab.popen("rs3", [os.sys.executable, str(sink)], name="upload-sink")
+    with LvsDp(lab, conf):
+        # Download: nginx's 50 MB /big through the PROXY protocol listener.
+        r = lab.run("client", f"curl -sS --max-time 60 http://{lab.vip}:8080/big | sha256sum",
+                    timeout=90)
+        assert r.stdout.split()[0] == lab.bulk_sha256
+        out = lab.python("client", UPLOADER, timeout=120).stdout.split()
+    lab.stop(proc)
+    local_sha, remote_sha, n, client, peer = out
+    assert remote_sha == local_sha and int(n) == 50 << 20
+    assert client == lab.client_ip and peer in LADDRS
+
+
+def test_udp_through_fullnat(lab):
+    code = textwrap.dedent("""
+        import socket
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
+        s.connect(("172.16.1.100", 53))
+        for i in range(3):
+            s.send(b"q%d" % i)
+            data, addr = s.recvfrom(100)
+            print(addr[0], addr[1], data.decode())
+        """)
+    with LvsDp(lab, CONF):
+        lines = lab.python("client", code).stdout.split("\n")
+    rows = [line.split(" ", 2) for line in lines if line]
+    assert len(rows) == 3 and {(a, p) for a, p, _ in rows} == {("172.16.1.100", "53")}
+    assert len({d.split(":")[0] for _, _, d in rows}) == 1
+
+
+PARALLEL = textwrap.dedent("""
+    import socket, sys
+    socks = []
+    for i in range(int(sys.argv[1])):
+        s = socket.socket(); s.settimeout(float(sys.argv[2]))
+        try:
+            s.connect(("172.16.1.100", 80))
+            socks.append(s)
+        except OSError:
+            pass
+    print(len(socks), flush=True)
+    sys.stdin.read()      # hold them until told
+""")
+
+
+def test_parallel_connections_spread_over_local_addresses_without_collision(lab):
+    with LvsDp(lab, CONF) as lb:
+        import subprocess
+        p = subprocess.Popen(lab.argv("client", [os.sys.executable, "-c", PARALLEL, "300", "3"]),
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert p.stdout.readline().strip() == "300"
+            conns = [c for c in lb.snapshot()["conns"] if c["vport"] == 80 and not c["template"]]
+        finally:
+            p.communicate("", timeout=30)
+    assert len(conns) == 300
+    tuples = {(c["laddr"], c["lport"]) for c in conns}
+    assert len(tuples) == 300                                  # no port used twice
+    per_laddr = {a: sum(c["laddr"] == a for c in conns) for a in LADDRS}
+    assert per_laddr == {LADDRS[0]: 150, LADDRS[1]: 150}       # round robin over the pool
+
+
+def test_pool_exhaustion_refuses_cleanly_then_recovers(lab, tmp_path):
+    conf = tmp_path / "one-laddr.conf"
+    conf.write_text(CONF.read_text().replace("    172.16.2.201\n", ""))
+    import subprocess
+    with LvsDp(lab, conf, extra=["--lport-range", "6000-6099"]) as lb:
+        p = subprocess.Popen(lab.argv("client", [os.sys.executable, "-c", PARALLEL, "200", "1"]),
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            held = int(p.stdout.readline())
+            snap = lb.snapshot()
+            # Established connections keep working while the pool is empty.
+            assert lab.curl(f"http://{lab.vip}/", check=False, timeout=2).returncode != 0
+        finally:
+            p.communicate("", timeout=60)
+        assert held == 100
+        assert snap["dataplane"]["drops"]["laddr_exhausted"] >= 100
+        # The held connections closed (FIN both ways -> TIME_WAIT, 7 s for FULLNAT): ports return.
+        ok = False
+        for _ in range(40):
+            r = lab.curl(f"http://{lab.vip}/", check=False, timeout=1)
+            if r.returncode == 0:
+                ok = True
+                break
+        assert ok, lb.list("--stats")
+        assert "Hello Server" in r.stdout
+
+
+def test_connection_close_load_through_one_local_address_does_not_stall(lab, tmp_path):
+    conf = tmp_path / "one-laddr.conf"
+    conf.write_text(CONF.read_text().replace("    172.16.2.201\n", ""))
+    with LvsDp(lab, conf) as lb:
+        r = lab.run("client", ["wrk", "-t1", "-c16", "-d60s", "--timeout", "2s",
+                               "-H", "Connection: close", f"http://{lab.vip}/"], timeout=120)
+        snap = lb.snapshot()
+    out = r.stdout
+    m = re.search(r"(\d+) requests in", out)
+    assert m and int(m.group(1)) > 1000, out
+    assert "Socket errors" not in out, out          # no connect/read/write errors, no timeouts
+    assert "Non-2xx" not in out, out
+    assert snap["dataplane"]["drops"]["laddr_exhausted"] == 0
