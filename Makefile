@@ -40,8 +40,10 @@ test: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests bench --benchmark-disable
 
 bench: setup
-	$(PY) -m pytest -q -p no:cacheprovider bench --benchmark-only --benchmark-json=bench/out/bench.json
-	$(PY) -m bench.report bench/out/bench.json bench/RESULTS.md
+	@# The report is written even when a benchmark fails, so RESULTS.md never goes stale.
+	$(PY) -m pytest -q -p no:cacheprovider bench --benchmark-only --benchmark-json=bench/out/bench.json; \
+	rc=$$?; $(PY) -m bench.report bench/out/bench.json bench/RESULTS.md; exit $$rc
 
+# Remove the namespaces, processes and files a crashed lab run left (make clean-lab PREFIX=demo).
 clean-lab:
-	$(PY) -m control.lab --cleanup-all
+	$(PY) -m control.lab cleanup $(or $(PREFIX),demo)
