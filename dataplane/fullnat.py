@@ -63,8 +63,8 @@ incrementally (RFC 1624), at any byte alignment; inserts (TOA, PROXY) recompute 
 segment (handshake packets only) and update the IP checksum for the new total length. Each
 function leaves both checksums valid, so they compose in any order.
 
-Tables (proposed Worker additions; the tests build them with plain numpy)
-=========================================================================
+Tables (Worker, dataplane/tables.py; the tests here build them with plain numpy)
+=================================================================================
 ::
 
     lport_fifo   uint16[MAX_LADDR, lport_capacity(lo, hi, worker, n_workers)]
@@ -72,12 +72,13 @@ Tables (proposed Worker additions; the tests build them with plain numpy)
     lport_head   int32[MAX_LADDR]     ring index of the oldest free port
     lport_count  int32[MAX_LADDR]     free ports (0 = exhausted; 0 for ids with no pool)
     laddr_rr     int32[MAX_SVC]       per-service round-robin cursor into Config.svc_laddrs
-                                      (or a column of Worker.sched: any 1-D int array works)
+                                      (any 1-D int array works, a Worker.sched column too)
 
-A laddr id is a row of Config.laddr (1..255, 0 unused), as in Config.svc_laddrs. Row 0 of the
-port arrays is never used. A connection needs its laddr *id* back to free its port: CONN_DTYPE is
-60 bytes, and 4 more (``laddr_id`` uint16, ``pp_len`` uint8, spare uint8) make it 64 (a cache
-line); otherwise the id can be found by scanning the service's pool for Conn.laddr.
+A laddr id is a row of Config.laddr (1..255, 0 unused), as in Config.svc_laddrs; row 0 of the
+port arrays is never used. Per connection: Conn.laddr_id (to give the port back), Conn.pp_len,
+Conn.aux = the client's ISN, and the flag CONN_F_PP_ACKED ("the RS acknowledged the header").
+With one worker and ports 5000-65535 the ring is 60536 ports: 256 ids x 118 KiB = 30 MiB per
+worker, shrinking with the number of workers (each owns its share of the ports).
 
 Local ports
 ===========
@@ -114,7 +115,8 @@ Client -> RS (conn direction in), in this order::
     PROXY service:  insert, dseq = pp_in_plan(...); if insert: payload_insert(header)
                     else dseq = seq_delta_in (no PROXY: always)
     all:            tcp_adjust_seq(buf, l4, dseq, seq_delta_out)   (seq_delta_out: SYN-proxy)
-                    if ACK and doff > 20 and seq_delta_out: sack_adjust(buf, l4, doff, seq_delta_out)
+                    if ACK and doff > 20 and seq_delta_out:
+                        sack_adjust(buf, l4, doff, seq_delta_out)
                     tcp_set_tuple(buf, o, l4, laddr, daddr, lport, dport)
 
 RS -> client (direction out)::
@@ -174,7 +176,7 @@ every RS -> client segment ``ack -= pp_len``, SACK edges likewise. lvs-dp keeps 
    (the header bytes are identical each time). Once acknowledged, stream-start segments (a
    server-first client's pure ACKs) use the full delta, like everything else. `pp_in_plan`
    encodes this; its inputs are the stored client ISN (Conn.aux) and one "header acknowledged"
-   flag bit (proposed: CONN_F_PP_ACKED = 0x4000 in Conn.flags; IPVS leaves 0x4000 unused).
+   flag bit (CONN_F_PP_ACKED in Conn.flags).
 4. Re-insertion into a full-size first data segment can exceed the path MTU (DF set) or the
    buffer (`payload_insert` returns -1). Either lower the SYN-ACK's MSS by pp_len as for TOA
    (simplest, always fits; costs ~2-4 % of segment payload), or, when it does not fit, emit the
@@ -199,7 +201,7 @@ from dataplane import parse as P
 from dataplane.csum import INLINE, JIT, csum_replace2, csum_replace4, fold, l4_checksum, rd16, \
     rd32, wr16, wr32
 
-# --- TCP options (include/net/tcp.h names; toa.h for TOA) ------------------------------------------
+# --- TCP options (include/net/tcp.h names; toa.h for TOA) -----------------------------------------
 TCPOPT_EOL = 0
 TCPOPT_NOP = 1
 TCPOPT_MSS = 2
@@ -218,7 +220,7 @@ TCP_MAX_HDR = 60            # doff is 4 bits of 32-bit words: 40 bytes of option
 TOA_NO_ROOM = -1            # no 8 bytes left in the TCP header (count STAT_TOA_NO_ROOM)
 TOA_NO_CAP = -2             # the buffer (cap) or the 64 KiB IP length cannot take 8 more bytes
 
-# --- PROXY protocol (haproxy proxy-protocol.txt) -----------------------------------------------------
+# --- PROXY protocol (haproxy proxy-protocol.txt) --------------------------------------------------
 PP_V2_SIG = np.array([0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A],
                      dtype=np.uint8)          # "\r\n\r\n\0\r\nQUIT\n"
 PP_V2_VER_CMD_PROXY = 0x21  # version 2, command PROXY
@@ -233,9 +235,9 @@ LPORT_MAX = 65535
 M32 = 0xFFFFFFFF
 
 
-# ==================================================================================================
+# ================================================================================================
 # Local addresses and ports
-# ==================================================================================================
+# ================================================================================================
 
 @njit(**INLINE)
 def steer_index(key, count):
@@ -342,9 +344,9 @@ def laddr_bind(svc_laddrs, svc_id, n_laddrs, fifo, head, count, rr):
     return lid, lport_alloc(fifo, head, count, lid)
 
 
-# ==================================================================================================
+# ================================================================================================
 # Checksum helpers for edits at any alignment inside the TCP segment
-# ==================================================================================================
+# ================================================================================================
 
 @njit(**INLINE)
 def _seg_sum(buf, l4, a, n):
@@ -382,9 +384,9 @@ def _open_gap(buf, at, end, n):
         i -= 1
 
 
-# ==================================================================================================
+# ================================================================================================
 # TCP options
-# ==================================================================================================
+# ================================================================================================
 
 @njit(**INLINE)
 def tcp_find_option(buf, l4, doff, kind):
@@ -476,9 +478,9 @@ def toa_insert(buf, o, l4, length, cap, client_addr, client_port):
     return length + TCPOLEN_TOA
 
 
-# ==================================================================================================
+# ================================================================================================
 # Sequence numbers
-# ==================================================================================================
+# ================================================================================================
 
 @njit(**INLINE)
 def seq_add(seq, delta):
@@ -540,10 +542,17 @@ def sack_adjust(buf, l4, doff, delta):
         if (k == TCPOPT_SACK and size >= TCPOLEN_SACK_BASE + TCPOLEN_SACK_PERBLOCK
                 and (size - TCPOLEN_SACK_BASE) % TCPOLEN_SACK_PERBLOCK == 0):
             j = i + 2
+            even = ((j - l4) & 1) == 0      # NOP NOP SACK, the usual layout
             while j < i + size:
-                before = _seg_sum(buf, l4, j, 4)
-                wr32(buf, j, (rd32(buf, j) - delta) & M32)
-                ck = csum_replace2(ck, before, _seg_sum(buf, l4, j, 4))
+                old = rd32(buf, j)
+                new = (old - delta) & M32
+                if even:
+                    wr32(buf, j, new)
+                    ck = csum_replace4(ck, old, new)
+                else:
+                    before = _seg_sum(buf, l4, j, 4)
+                    wr32(buf, j, new)
+                    ck = csum_replace2(ck, before, _seg_sum(buf, l4, j, 4))
                 j += 4
                 n += 1
         i += size
@@ -576,9 +585,9 @@ def tcp_set_tuple(buf, o, l4, saddr, daddr, sport, dport):
     wr16(buf, l4 + P.TCP_CHECK, ck)
 
 
-# ==================================================================================================
+# ================================================================================================
 # PROXY protocol
-# ==================================================================================================
+# ================================================================================================
 
 @njit(**INLINE)
 def _put_dec(out, i, v):
@@ -671,9 +680,9 @@ def payload_insert(buf, o, l4, length, cap, data, n):
     return length + n
 
 
-# ==================================================================================================
+# ================================================================================================
 # Policy helpers: which client segments get TOA / the PROXY header, and with which delta
-# ==================================================================================================
+# ================================================================================================
 
 @njit(**INLINE)
 def toa_wanted(tflags, seq, client_isn):

@@ -14,7 +14,7 @@ M32 = 0xFFFFFFFF
 TH_SYN, TH_RST, TH_ACK = 0x02, 0x04, 0x10
 
 
-# --- local addresses and ports ----------------------------------------------------------------------
+# --- local addresses and ports ---
 def steer_index(key: int, count: int) -> int:
     if count <= 1:
         return 0
@@ -62,7 +62,7 @@ def laddr_pick(pool: list[int], pool_counts, cursor: int):
     return -1, cursor
 
 
-# --- TCP segment helpers ----------------------------------------------------------------------------
+# --- TCP segment helpers ---
 def _split(pkt: bytes):
     ihl = (pkt[0] & 0xF) * 4
     doff = (pkt[ihl + 12] >> 4) * 4
@@ -203,7 +203,7 @@ def payload_insert(pkt: bytes, cap: int, data: bytes):
     return _fix(b), len(b)
 
 
-# --- PROXY protocol -----------------------------------------------------------------------------------
+# --- PROXY protocol ---
 def proxy_v1(client_addr: int, client_port: int, vip: int, vport: int) -> bytes:
     c = ipaddress.IPv4Address(client_addr)
     v = ipaddress.IPv4Address(vip)
@@ -215,7 +215,7 @@ def proxy_v2(client_addr: int, client_port: int, vip: int, vport: int) -> bytes:
             + struct.pack("!IIHH", client_addr, vip, client_port, vport))
 
 
-# --- policy -----------------------------------------------------------------------------------------
+# --- policy ---
 def seq_diff(a: int, b: int) -> int:
     d = (a - b) & M32
     return d - (1 << 32) if d >= 1 << 31 else d

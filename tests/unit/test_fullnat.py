@@ -620,7 +620,8 @@ class Peer:
             assert t.seq == self.irs, f"{self.name}: SYN with a new ISN"
         if flags & 0x10:
             assert 0 <= N.seq_diff(t.ack, self.snd_una) and N.seq_diff(t.ack, self.snd_nxt) <= 0, \
-                f"{self.name}: unacceptable ack {t.ack:#x} (una {self.snd_una:#x} nxt {self.snd_nxt:#x})"
+                f"{self.name}: unacceptable ack {t.ack:#x} " \
+                f"(una {self.snd_una:#x} nxt {self.snd_nxt:#x})"
             self.snd_una = t.ack
         for kind, val in t.options:
             if kind == "SAck":
@@ -688,7 +689,7 @@ class Balancer:
 
     @staticmethod
     def _parse(buf):
-        ihl = (buf[O] & 0xF) * 4
+        ihl = (int(buf[O]) & 0xF) * 4
         l4 = O + ihl
         return l4, (int(buf[l4 + 12]) >> 4) * 4, int(buf[l4 + 13]), \
             int.from_bytes(buf[l4 + 4:l4 + 8].tobytes(), "big"), \
