@@ -28,6 +28,12 @@ DROP_SYNPROXY_ACK_STORM = 9
 DROP_OVERLOAD = 10          # queue overflow seen by the backend (drop-and-count, never fail open)
 DROP_TX_FULL = 11           # no room to emit a generated packet
 DROP_TOO_BIG = 12           # rewrite would exceed the packet's buffer capacity
+DROP_SYNPROXY_SYN_SENT = 13     # SYN-proxy: client segment while the real server's handshake is
+#                                 pending (SYN_SENT); the client retransmits it
+DROP_SYNPROXY_RS_RST = 14       # SYN-proxy: the real server refused (RST to our SYN) or never
+#                                 answered; the client got a RST, the connection was freed
+DROP_SYNPROXY_DEFER = 15        # SYN-proxy with synproxy_defer: cookie ACK without data (the
+#                                 connection is made on the client's first data segment)
 N_DROP = 16
 
 DROP_NAMES = {
@@ -42,6 +48,9 @@ DROP_NAMES = {
     DROP_OVERLOAD: "overload",
     DROP_TX_FULL: "tx_full",
     DROP_TOO_BIG: "too_big",
+    DROP_SYNPROXY_SYN_SENT: "synproxy_syn_sent",
+    DROP_SYNPROXY_RS_RST: "synproxy_rs_refused",
+    DROP_SYNPROXY_DEFER: "synproxy_defer",
 }
 
 # Other counters follow the drop reasons in the same array.
@@ -65,6 +74,9 @@ STAT_CONN_REUSED = 29       # a new SYN on a closed/time_wait connection re-sche
 STAT_NOT_SYN = 30
 STAT_SORRY = 31             # new connections sent to the sorry server
 STAT_FRAG_XLATE = 32        # later fragments rewritten by their first fragment's connection
+STAT_SYNPROXY_OK_ACK = 33   # SYN-proxy: valid cookie ACKs (connection created, SYN sent to the RS)
+STAT_SYNPROXY_RS_SYNACK = 34    # SYN-proxy: RS SYN-ACKs consumed (ACK sent to the RS: ESTABLISHED)
+STAT_SYNPROXY_ACK_DATA = 35     # SYN-proxy: cookie ACKs that carried data (dropped; retransmitted)
 N_STATS = 64
 
 STAT_NAMES = {
@@ -85,6 +97,9 @@ STAT_NAMES = {
     STAT_NOT_SYN: "no_conn_not_syn_passed",
     STAT_SORRY: "sorry_server",
     STAT_FRAG_XLATE: "fragments_translated",
+    STAT_SYNPROXY_OK_ACK: "synproxy_ack_ok",
+    STAT_SYNPROXY_RS_SYNACK: "synproxy_rs_synack",
+    STAT_SYNPROXY_ACK_DATA: "synproxy_ack_with_data",
 }
 
 # --- protocols ------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ the kernel counts it in /proc/net/netfilter/nfnetlink_queue).
 
 import os
 import select
+import socket
 import time
 
 from netfilterqueue import NetfilterQueue
@@ -35,6 +36,7 @@ class BindingQueue:
         self.max_len = max_len
         self.nfq = None
         self.fd = -1
+        self.raw = None
 
     def open(self):
         self.nfq = NetfilterQueue()
@@ -65,6 +67,19 @@ class BindingQueue:
                 pkt.accept()
         self.pending.clear()
         b.clear()
+        if b.tx.count[0]:
+            self._send_tx(b.tx_packets())
+
+    def _send_tx(self, packets):
+        """Packets the engine generated (SYN-proxy: SYN/ACK to real servers, RSTs) go out through
+        an IPPROTO_RAW socket (IP_HDRINCL: sent as built), as the netlink backend does."""
+        if self.raw is None:
+            self.raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        for p in packets:
+            try:
+                self.raw.sendto(p, (socket.inet_ntoa(p[16:20]), 0))
+            except OSError:
+                pass
 
     def run_once(self, timeout=0.1):
         """Wait up to `timeout` for packets, process everything queued, return. An empty batch
@@ -86,6 +101,9 @@ class BindingQueue:
         if self.nfq is not None:
             self.nfq.unbind()
             self.nfq = None
+        if self.raw is not None:
+            self.raw.close()
+            self.raw = None
 
     def queue_stats(self):
         """The kernel's row for this queue; its drops (queue full, socket overrun) are mirrored

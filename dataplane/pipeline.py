@@ -23,6 +23,7 @@ from dataplane import fullnat as FN
 from dataplane import consts as C
 from dataplane import nat as N
 from dataplane import parse as P
+from dataplane import synproxy as SP
 from dataplane import tables as T
 from dataplane.csum import JIT, csum_replace2, csum_replace4, rd16, rd32, wr16, wr32
 from dataplane.prefetch import prefetch
@@ -132,41 +133,55 @@ def pick_dest(cfg, wk, svc_id, proto, caddr, cport, vaddr, vport, now_ns):
     return np.int64(0), template
 
 
+SP_MISS = -16   # new_conn: r <= SP_MISS means "TCP to SYN-proxy service SP_MISS - r, no connection"
+
+
 @njit(**JIT)
 def new_conn(cfg, wk, proto, saddr, sport, daddr, dport, tflags, mark, now_ns):
     """A client packet that matched no connection. Returns cid * 2 (direction in) when a
-    connection was made, else -1 - verdict (the verdict to give, its reason counted)."""
+    connection was made, SP_MISS - svc_id for TCP to a SYN-proxy service (the caller runs
+    `synproxy_miss`), else -1 - verdict (the verdict to give, its reason counted)."""
     svc_id = svc_lookup(cfg, proto, daddr, dport, mark)
     res = np.int64(-1 - C.VERDICT_ACCEPT)
     if svc_id == 0:
         wk.stats[C.STAT_NOT_OURS] += 1
+    elif proto == C.IPPROTO_TCP and (cfg.svc[svc_id]['flags'] & C.SVC_F_SYNPROXY) != 0:
+        res = SP_MISS - svc_id
     elif proto == C.IPPROTO_TCP and (tflags & (C.TH_SYN | C.TH_ACK | C.TH_RST)) != C.TH_SYN:
         wk.stats[C.STAT_NOT_SYN] += 1
     else:
-        d, template = pick_dest(cfg, wk, svc_id, proto, saddr, sport, daddr, dport, now_ns)
-        res = np.int64(-1 - C.VERDICT_DROP)
-        if d == 0:
-            wk.stats[C.DROP_NO_DEST] += 1
-        elif d < 0:
-            wk.stats[C.DROP_CONN_FULL] += 1
+        res = place_conn(cfg, wk, svc_id, proto, saddr, sport, daddr, dport, now_ns)
+    return res
+
+
+@njit(**JIT)
+def place_conn(cfg, wk, svc_id, proto, saddr, sport, daddr, dport, now_ns):
+    """Schedule a new connection of service svc_id (real server, FULLNAT local address and
+    port) and create it. Returns cid * 2, or -1 - VERDICT_DROP with the reason counted."""
+    d, template = pick_dest(cfg, wk, svc_id, proto, saddr, sport, daddr, dport, now_ns)
+    res = np.int64(-1 - C.VERDICT_DROP)
+    if d == 0:
+        wk.stats[C.DROP_NO_DEST] += 1
+    elif d < 0:
+        wk.stats[C.DROP_CONN_FULL] += 1
+    else:
+        lid = np.int64(0)
+        lport = np.int64(0)
+        if cfg.dest[d]['fwd'] == C.FWD_FULLNAT:
+            lid, lport = FN.laddr_bind(cfg.svc_laddrs, svc_id, np.int64(cfg.svc[svc_id]['n_laddrs']),
+                                       wk.lport_fifo, wk.lport_head, wk.lport_count,
+                                       wk.laddr_rr)
+        if lid < 0:
+            wk.stats[C.DROP_LADDR_EXHAUSTED] += 1
         else:
-            lid = np.int64(0)
-            lport = np.int64(0)
-            if cfg.dest[d]['fwd'] == C.FWD_FULLNAT:
-                lid, lport = FN.laddr_bind(cfg.svc_laddrs, svc_id, np.int64(cfg.svc[svc_id]['n_laddrs']),
-                                           wk.lport_fifo, wk.lport_head, wk.lport_count,
-                                           wk.laddr_rr)
-            if lid < 0:
-                wk.stats[C.DROP_LADDR_EXHAUSTED] += 1
+            cid = CT.conn_new(wk, cfg, svc_id, d, proto, saddr, sport, daddr, dport, now_ns,
+                              template, lid, lport)
+            if cid == 0:
+                wk.stats[C.DROP_CONN_FULL] += 1
+                if lid > 0:
+                    FN.lport_free(wk.lport_fifo, wk.lport_head, wk.lport_count, lid, lport)
             else:
-                cid = CT.conn_new(wk, cfg, svc_id, d, proto, saddr, sport, daddr, dport, now_ns,
-                                  template, lid, lport)
-                if cid == 0:
-                    wk.stats[C.DROP_CONN_FULL] += 1
-                    if lid > 0:
-                        FN.lport_free(wk.lport_fifo, wk.lport_head, wk.lport_count, lid, lport)
-                else:
-                    res = cid * 2
+                res = cid * 2
     return res
 
 
@@ -381,6 +396,325 @@ def fnat_packet(cfg, wk, buf, o, plen, cap, l4, direction, cid, proto, tflags, n
     return length
 
 
+# ================================================================================================
+# SYN-proxy (dataplane/synproxy.py has the design; these wire its legs into the pipeline)
+# ================================================================================================
+# Choices made here:
+# * FULLNAT + SYN-proxy: the SYN to the RS comes from laddr:lport with FULLNAT's own ISN
+#   (fnat_isn; seq_delta_in = that - client ISN, as without SYN-proxy), and carries no TS option
+#   (FULLNAT strips timestamps towards the RS: PAWS per laddr:lport); ts_delta is then 0 and the
+#   client's TS options reach the RS, which ignores them. TOA rides in our ACK to the RS (and in
+#   the client's first segment, as fnat_packet does for seq == client ISN + 1). The PROXY header
+#   goes in the client's first data segment (our handshake ACK carries no payload).
+# * NAT + SYN-proxy: the SYN carries the client's ISN and TS value, so only the RS's side moves
+#   (seq_delta_out, ts_delta).
+# * Client segments while SYN_SENT: the first one with data (or FIN) is held (Worker.sp_hold,
+#   STAT_SYNPROXY_ACK_STORED) and sent on, translated, right after our ACK to the RS; others
+#   are dropped (DROP_SYNPROXY_SYN_SENT): the client retransmits. Client segments also drive
+#   the SYN retries to a silent RS: one more SYN when the last is SP_SYN_RETRY_NS old, up to
+#   SPC_SYN_RETRY; then a RST to the client and the entry is freed.
+
+SP_SYN_RETRY_NS = C.NS      # at least this long between SYNs to a real server
+
+
+@njit(**JIT)
+def _tx_slot(wk, tx):
+    """Index of the next free tx slot, or -1 (counted DROP_TX_FULL)."""
+    k = tx.count[0]
+    if k >= len(tx.off):
+        wk.stats[C.DROP_TX_FULL] += 1
+        return np.int64(-1)
+    return np.int64(k)
+
+
+@njit(**JIT)
+def sp_syn_to_rs(cfg, wk, cid, tx):
+    """(Re)build the SYN to the real server of a SYN_SENT connection from its stored handshake
+    state into tx. Returns False when tx is full."""
+    k = _tx_slot(wk, tx)
+    if k < 0:
+        return False
+    c = wk.conn[cid]
+    mss_idx, ws, sack, ts_ok, _, _ = SP.hs_unpack(np.int64(c['sp_last_ack']))
+    client_isn = np.int64(c['aux'])
+    if c['flags'] & C.CONN_F_FULLNAT:
+        saddr = np.int64(c['laddr'])
+        sport = np.int64(c['lport'])
+        isn = (client_isn + np.int64(c['seq_delta_in'])) & SP.M32
+        ts_val = np.int64(-1)
+    else:
+        saddr = np.int64(c['caddr'])
+        sport = np.int64(c['cport'])
+        isn = client_isn
+        ts_val = np.int64(c['sp_last_seq']) if ts_ok else np.int64(-1)
+    n = SP.syn_to_rs(tx.buf, tx.off[k], saddr, np.int64(c['daddr']), sport, np.int64(c['dport']),
+                     isn, SP.MSSTAB[mss_idx], ws, sack, ts_val, np.int64(0))
+    tx.length[k] = n
+    tx.count[0] = k + 1
+    return True
+
+
+@njit(**JIT)
+def synproxy_miss(cfg, wk, buf, o, plen, cap, svc_id, tflags, now_ns, tx):
+    """A TCP packet to a SYN-proxy service with no connection. Returns (verdict, new length):
+
+    SYN -> the cookie SYN-ACK in place (VERDICT_REWRITE, nothing kept); ACK -> cookie checked,
+    connection scheduled and created in SYN_SENT, SYN to the RS queued in tx, the ACK dropped;
+    anything else -> the local stack (as without SYN-proxy: it answers with a RST)."""
+    ihl = (np.int64(buf[o]) & 0xF) * 4
+    l4 = o + ihl
+    if (tflags & (C.TH_SYN | C.TH_ACK | C.TH_RST | C.TH_FIN)) == C.TH_SYN:
+        n = SP.synproxy_syn(buf, o, plen, cap, cfg.sp_secrets, cfg.sp_cfg, now_ns)
+        if n < 0:
+            wk.stats[C.DROP_MALFORMED] += 1
+            return C.VERDICT_DROP, plen
+        wk.stats[C.STAT_SYNPROXY_COOKIE_SENT] += 1
+        return C.VERDICT_REWRITE, n
+    if (tflags & (C.TH_SYN | C.TH_ACK | C.TH_RST)) != C.TH_ACK:
+        wk.stats[C.STAT_NOT_SYN] += 1
+        return C.VERDICT_ACCEPT, plen
+    doff = (np.int64(buf[l4 + P.TCP_DOFF]) >> 4) * 4
+    payload = rd16(buf, o + P.IP_TOT_LEN) - ihl - doff
+    if cfg.sp_cfg[SP.SPC_DEFER] != 0 and payload <= 0 and (tflags & C.TH_FIN) == 0:
+        wk.stats[C.DROP_SYNPROXY_DEFER] += 1
+        return C.VERDICT_DROP, plen
+    mss, wscale, sack, tsval, tsecr = SP.synproxy_ack(buf, o, cfg.sp_secrets, cfg.sp_cfg, now_ns)
+    if mss < 0:
+        wk.stats[C.DROP_SYNPROXY_BAD_ACK] += 1
+        return C.VERDICT_DROP, plen
+    if tx.count[0] >= len(tx.off):
+        wk.stats[C.DROP_TX_FULL] += 1
+        return C.VERDICT_DROP, plen
+    saddr = rd32(buf, o + P.IP_SADDR)
+    daddr = rd32(buf, o + P.IP_DADDR)
+    sport = rd16(buf, l4)
+    dport = rd16(buf, l4 + 2)
+    r = place_conn(cfg, wk, svc_id, np.int64(C.IPPROTO_TCP), saddr, sport, daddr, dport, now_ns)
+    if r < 0:
+        return -1 - r, plen
+    cid = r >> 1
+    c = wk.conn[cid]
+    client_isn = (rd32(buf, l4 + P.TCP_SEQ) - 1) & SP.M32
+    c['flags'] |= C.CONN_F_SYNPROXY
+    CT.set_state(wk, cid, C.IP_VS_TCP_S_SYN_SENT)
+    c['expire_ns'] = now_ns + cfg.timeouts_ns[C.IP_VS_TCP_S_SYN_SENT]
+    c['aux'] = client_isn
+    c['seq_delta_out'] = (rd32(buf, l4 + P.TCP_ACK) - 1) & SP.M32      # the cookie
+    ts_ok = np.int64(1) if tsval >= 0 else np.int64(0)
+    c['ts_delta'] = tsecr & SP.M32 if ts_ok else 0                      # tb
+    c['sp_last_seq'] = tsval & SP.M32 if ts_ok else 0                   # the client's TS value
+    c['sp_last_ack'] = SP.hs_pack(SP.mss_index(mss), wscale, sack, ts_ok,
+                                  rd16(buf, l4 + P.TCP_WINDOW), 0)
+    c['sp_dup_acks'] = 0
+    c['win_shift_out'] = 0
+    c['win_shift_in'] = 0
+    c['sp_syn_ns'] = now_ns
+    h = cid & (T.SP_HOLD_SLOTS - 1)
+    if wk.sp_hold_cid[h] == cid:
+        wk.sp_hold_cid[h] = 0       # left by an earlier connection with this id
+    if c['flags'] & C.CONN_F_FULLNAT:
+        isn = fnat_isn(np.int64(c['laddr']), np.int64(c['lport']), np.int64(c['daddr']),
+                       np.int64(c['dport']), now_ns)
+        sflags = np.int64(cfg.svc[svc_id]['flags'])
+        pp_len = np.int64(0)
+        if sflags & C.SVC_F_PROXY_V1:
+            pp_len = FN.proxy_v1_header(wk.scratch, np.int64(c['caddr']), np.int64(c['cport']),
+                                        np.int64(c['vaddr']), np.int64(c['vport']))
+        elif sflags & C.SVC_F_PROXY_V2:
+            pp_len = np.int64(FN.PP_V2_LEN_TCP4)
+        c['pp_len'] = pp_len
+        # The SYN carries isn; the client's stream (client_isn + 1 ...) starts at isn + 1 + pp_len.
+        c['seq_delta_in'] = (isn - client_isn) & SP.M32
+        c['flags'] |= C.CONN_F_ISN_SET
+    sp_syn_to_rs(cfg, wk, cid, tx)
+    if c['flags'] & C.CONN_F_FULLNAT and c['pp_len'] > 0:
+        c['seq_delta_in'] = (np.int64(c['seq_delta_in']) + np.int64(c['pp_len'])) & SP.M32
+    wk.stats[C.STAT_SYNPROXY_OK_ACK] += 1
+    if payload > 0:
+        wk.stats[C.STAT_SYNPROXY_ACK_DATA] += 1
+    return C.VERDICT_DROP, plen
+
+
+SP_HOLD_MAX = T.SP_HOLD_BYTES - 128     # room for TOA / a PROXY header on the way out
+
+
+@njit(**JIT)
+def _sp_hold(wk, buf, o, plen, l4, cid, tflags):
+    """Keep a copy of a client segment that carries data or FIN while SYN_SENT (one per
+    connection; the slot's owner must be gone or no longer waiting). True when held."""
+    doff = (np.int64(buf[l4 + P.TCP_DOFF]) >> 4) * 4
+    payload = rd16(buf, o + P.IP_TOT_LEN) - (l4 - o) - doff
+    if (payload <= 0 and (tflags & C.TH_FIN) == 0) or (tflags & (C.TH_SYN | C.TH_RST)) != 0:
+        return False
+    if plen > SP_HOLD_MAX:
+        return False
+    h = cid & (T.SP_HOLD_SLOTS - 1)
+    owner = wk.sp_hold_cid[h]
+    if owner != 0:
+        oc = wk.conn[owner]
+        if (owner == cid or ((oc['flags'] & C.CONN_F_SYNPROXY) != 0
+                             and oc['state'] == C.IP_VS_TCP_S_SYN_SENT)):
+            return False
+    for j in range(plen):
+        wk.sp_hold[h, j] = buf[o + j]
+    wk.sp_hold_len[h] = plen
+    wk.sp_hold_cid[h] = cid
+    wk.stats[C.STAT_SYNPROXY_ACK_STORED] += 1
+    return True
+
+
+@njit(**JIT)
+def _sp_release(cfg, wk, cid, tx, now_ns):
+    """The real server's handshake is complete: send the held client segment on, translated
+    and rewritten as an established packet, through tx (after our ACK)."""
+    h = cid & (T.SP_HOLD_SLOTS - 1)
+    if wk.sp_hold_cid[h] != cid:
+        return
+    wk.sp_hold_cid[h] = 0
+    k = _tx_slot(wk, tx)
+    if k < 0:
+        return
+    n = np.int64(wk.sp_hold_len[h])
+    at = tx.off[k]
+    for j in range(n):
+        tx.buf[at + j] = wk.sp_hold[h, j]
+    l4 = at + (np.int64(tx.buf[at]) & 0xF) * 4
+    tflags = np.int64(tx.buf[l4 + P.TCP_FLAGS])
+    c = wk.conn[cid]
+    CT.tcp_transition(wk, cfg, cid, C.DIR_IN, tflags, now_ns)
+    if c['flags'] & C.CONN_F_FULLNAT:
+        n = fnat_packet(cfg, wk, tx.buf, at, n, np.int64(T.TX_SLOT), l4, C.DIR_IN, cid,
+                        np.int64(C.IPPROTO_TCP), tflags, now_ns)
+        if n < 0:
+            return
+        if c['win_shift_in'] != 0:
+            SP.tcp_translate(tx.buf, l4, 0, 0, 0, 0, np.int64(c['win_shift_in']))
+    else:
+        SP.tcp_translate(tx.buf, l4, 0, np.int64(c['seq_delta_out']), 0, np.int64(c['ts_delta']),
+                         np.int64(c['win_shift_in']))
+        N.nat_rewrite(tx.buf, at, np.int64(C.IPPROTO_TCP), l4, True, C.DIR_IN, c)
+    tx.length[k] = n
+    tx.count[0] = k + 1
+    _count(wk, np.int64(c['svc']), np.int64(c['dest']), C.DIR_IN, rd16(tx.buf, at + P.IP_TOT_LEN))
+
+
+@njit(**JIT)
+def _sp_abort(cfg, wk, cid, tx):
+    """Give up on a SYN_SENT connection: RST to the client (from VIP:vport, seq = cookie + 1,
+    ack = client ISN + 1) and free the entry."""
+    c = wk.conn[cid]
+    k = _tx_slot(wk, tx)
+    if k >= 0:
+        tx.length[k] = SP.rst_build(tx.buf, tx.off[k], np.int64(c['vaddr']), np.int64(c['caddr']),
+                                    np.int64(c['vport']), np.int64(c['cport']),
+                                    (np.int64(c['seq_delta_out']) + 1) & SP.M32,
+                                    (np.int64(c['aux']) + 1) & SP.M32,
+                                    cfg.sp_cfg[SP.SPC_SYNACK_TTL])
+        tx.count[0] = k + 1
+    wk.stats[C.DROP_SYNPROXY_RS_RST] += 1
+    h = cid & (T.SP_HOLD_SLOTS - 1)
+    if wk.sp_hold_cid[h] == cid:
+        wk.sp_hold_cid[h] = 0
+    CT.conn_free(wk, cid)
+
+
+@njit(**JIT)
+def synproxy_conn(cfg, wk, buf, o, plen, cap, l4, direction, cid, tflags, now_ns, tx):
+    """A packet of a SYN-proxy connection (CONN_F_SYNPROXY, TCP). Returns the packet's new
+    length (VERDICT_REWRITE), or -1 to drop it (its reason or its consumption counted).
+
+    SYN_SENT: the RS's SYN-ACK completes the RS's handshake (our ACK into tx; ESTABLISHED;
+    the SYN-ACK is consumed), its RST aborts (RST to the client); client segments are dropped,
+    and drive the SYN retries. Later: ACK-storm check on RS segments, the state machine, then
+    the sequence/timestamp/window translation with the NAT or FULLNAT rewrite."""
+    c = wk.conn[cid]
+    if c['state'] == C.IP_VS_TCP_S_SYN_SENT:
+        if direction == C.DIR_IN:
+            if not _sp_hold(wk, buf, o, plen, l4, cid, tflags):
+                wk.stats[C.DROP_SYNPROXY_SYN_SENT] += 1
+            if now_ns - c['sp_syn_ns'] >= SP_SYN_RETRY_NS:
+                word = np.int64(c['sp_last_ack'])
+                retries = (word >> 25) & 7
+                if retries >= cfg.sp_cfg[SP.SPC_SYN_RETRY]:
+                    _sp_abort(cfg, wk, cid, tx)
+                else:
+                    c['sp_last_ack'] = (word & ~(np.int64(7) << 25)) | ((retries + 1) << 25)
+                    c['sp_syn_ns'] = now_ns
+                    if sp_syn_to_rs(cfg, wk, cid, tx):
+                        wk.stats[C.STAT_SYNPROXY_RS_SYN_RETRY] += 1
+            return np.int64(-1)
+        if tflags & C.TH_RST:
+            _sp_abort(cfg, wk, cid, tx)
+            return np.int64(-1)
+        rs_side_isn = (np.int64(c['aux']) + np.int64(c['seq_delta_in'])
+                       - np.int64(c['pp_len'])) & SP.M32
+        if ((tflags & (C.TH_SYN | C.TH_ACK)) != (C.TH_SYN | C.TH_ACK)
+                or rd32(buf, l4 + P.TCP_ACK) != ((rs_side_isn + 1) & SP.M32)):
+            wk.stats[C.DROP_SYNPROXY_SYN_SENT] += 1
+            return np.int64(-1)
+        k = _tx_slot(wk, tx)
+        if k < 0:
+            return np.int64(-1)     # the RS retransmits its SYN-ACK
+        _, ws, _, _, cwin, _ = SP.hs_unpack(np.int64(c['sp_last_ack']))
+        ws_offered = cfg.sp_cfg[SP.SPC_WSCALE] if ws >= 0 else np.int64(0)
+        toa_addr = np.int64(0)
+        toa_port = np.int64(0)
+        if (c['flags'] & C.CONN_F_FULLNAT) and (cfg.svc[c['svc']]['flags'] & C.SVC_F_TOA):
+            toa_addr = np.int64(c['caddr'])
+            toa_port = np.int64(c['cport'])
+        n, sd, tsd, so, si = SP.synproxy_rs_synack(buf, o, tx.buf, tx.off[k],
+                                                   np.int64(c['seq_delta_out']),
+                                                   np.int64(c['ts_delta']), ws_offered, ws, cwin,
+                                                   toa_addr, toa_port)
+        if n < 0:
+            wk.stats[C.DROP_SYNPROXY_SYN_SENT] += 1
+            return np.int64(-1)
+        tx.length[k] = n
+        tx.count[0] = k + 1
+        c['seq_delta_out'] = sd
+        c['ts_delta'] = tsd
+        c['win_shift_out'] = so
+        c['win_shift_in'] = si
+        c['sp_last_seq'] = 0
+        c['sp_last_ack'] = 0
+        c['sp_dup_acks'] = 0
+        CT.set_state(wk, cid, C.IP_VS_TCP_S_ESTABLISHED)
+        c['expire_ns'] = now_ns + cfg.timeouts_ns[C.IP_VS_TCP_S_ESTABLISHED]
+        wk.stats[C.STAT_SYNPROXY_RS_SYNACK] += 1
+        _sp_release(cfg, wk, cid, tx, now_ns)
+        return np.int64(-1)
+    if direction == C.DIR_OUT and (tflags & C.TH_ACK) != 0:
+        ihl = np.int64(l4 - o)
+        doff = (np.int64(buf[l4 + P.TCP_DOFF]) >> 4) * 4
+        if rd16(buf, o + P.IP_TOT_LEN) - ihl - doff <= 0 and (tflags & (C.TH_SYN | C.TH_FIN | C.TH_RST)) == 0:
+            drop, ls, la, dc = SP.ack_storm(rd32(buf, l4 + P.TCP_SEQ), rd32(buf, l4 + P.TCP_ACK),
+                                            np.int64(c['sp_last_seq']), np.int64(c['sp_last_ack']),
+                                            np.int64(c['sp_dup_acks']),
+                                            cfg.sp_cfg[SP.SPC_ACK_STORM_THRESH])
+            c['sp_last_seq'] = ls
+            c['sp_last_ack'] = la
+            c['sp_dup_acks'] = min(dc, 255)
+            if drop:
+                wk.stats[C.DROP_SYNPROXY_ACK_STORM] += 1
+                return np.int64(-1)
+    CT.tcp_transition(wk, cfg, cid, direction, tflags, now_ns)
+    if c['flags'] & C.CONN_F_FULLNAT:
+        r = fnat_packet(cfg, wk, buf, o, plen, cap, l4, direction, cid, np.int64(C.IPPROTO_TCP),
+                        tflags, now_ns)
+        if r >= 0:
+            wsh = np.int64(c['win_shift_in'] if direction == C.DIR_IN else c['win_shift_out'])
+            if wsh != 0:
+                SP.tcp_translate(buf, l4, 0, 0, 0, 0, wsh)
+        return r
+    sd = np.int64(c['seq_delta_out'])
+    tsd = np.int64(c['ts_delta'])
+    if direction == C.DIR_IN:
+        SP.tcp_translate(buf, l4, 0, sd, 0, tsd, np.int64(c['win_shift_in']))
+    else:
+        SP.tcp_translate(buf, l4, sd, 0, tsd, 0, np.int64(c['win_shift_out']))
+    N.nat_rewrite(buf, o, np.int64(C.IPPROTO_TCP), l4, True, direction, c)
+    return plen
+
 
 @njit(**JIT)
 def process_batch(cfg, wk, buf, off, length, cap, mark, verdict, n, now_ns, tx):
@@ -485,12 +819,31 @@ def process_batch(cfg, wk, buf, off, length, cap, mark, verdict, n, now_ns, tx):
         if val == 0:
             r = new_conn(cfg, wk, proto, saddr, sport, daddr, dport, tflags, np.int64(mark[i]), now_ns)
             if r < 0:
+                if r <= SP_MISS:
+                    vv, nl = synproxy_miss(cfg, wk, buf, o, plen, np.int64(cap[i]), SP_MISS - r,
+                                           tflags, now_ns, tx)
+                    length[i] = nl
+                    verdict[i] = vv
+                    continue
                 verdict[i] = -1 - r
                 continue
             val = r
         cid = val >> 1
         direction = val & 1
         c = conn[cid]
+        if c['flags'] & C.CONN_F_SYNPROXY:
+            r = synproxy_conn(cfg, wk, buf, o, plen, np.int64(cap[i]), l4, direction, cid, tflags,
+                              now_ns, tx)
+            if r < 0:
+                verdict[i] = C.VERDICT_DROP
+                continue
+            length[i] = r
+            if (frag & P.IP_MF) != 0:
+                remember_fragment(wk, saddr, daddr, rd16(buf, o + P.IP_ID), proto, val, now_ns)
+            _count(wk, np.int64(c['svc']), np.int64(c['dest']), direction, tot)
+            stats[C.STAT_REWRITTEN] += 1
+            verdict[i] = C.VERDICT_REWRITE
+            continue
         # --- state machine and timeout (IPVS set_tcp_state) -----------------------------------
         st = np.int64(c['state'])
         if proto == C.IPPROTO_TCP:

@@ -88,6 +88,18 @@ CONN_DTYPE = np.dtype([
     ("laddr_id", np.uint16),    # FULLNAT: row of Config.laddr, to give the port back
     ("pp_len", np.uint8),       # FULLNAT: length of the PROXY protocol header (0 = none)
     ("_pad3", np.uint8),
+    # SYN-proxy (CONN_F_SYNPROXY; dataplane/synproxy.py). ESTABLISHED: the RS's TS values are
+    # shifted by ts_delta towards the client, windows by the shifts; sp_* is the ACK-storm
+    # detector. SYN_SENT borrows them: ts_delta = our SYN-ACK's TS value (tb), sp_last_seq =
+    # the client's TS value, sp_last_ack = synproxy.hs_pack(...), seq_delta_out = the cookie.
+    ("ts_delta", np.uint32),
+    ("sp_last_seq", np.uint32),
+    ("sp_last_ack", np.uint32),
+    ("sp_dup_acks", np.uint8),
+    ("win_shift_out", np.int8),     # RS -> client window rescale (ws_rs - ws offered)
+    ("win_shift_in", np.int8),      # client -> RS (the client's shift when the RS declined)
+    ("_pad4", np.uint8),
+    ("sp_syn_ns", np.int64),        # SYN_SENT: when the last SYN went to the RS (retries)
 ])
 
 # Columns of the [n, 5] counter arrays of services and real servers, ipvsadm's --stats order.
@@ -120,6 +132,11 @@ Config = namedtuple("Config", [
     "timeouts_ns",  # int64[N_STATES]
     "laddr",        # uint32[MAX_LADDR]: FULLNAT local addresses by laddr id (0 unused)
     "svc_laddrs",   # uint16[MAX_SVC, MAX_LADDR_PER_SVC]: laddr ids of each FULLNAT service's pool
+    # SYN-proxy (dataplane/synproxy.py): cookie secrets, two generations (current first; control
+    # rotates row 1 <- row 0, then a new row 0, at most once per cookie lifetime), and the
+    # settings row from control/synproxy_settings.py (SynproxySettings().as_array()).
+    "sp_secrets",   # uint64[2, 4]
+    "sp_cfg",       # int64[N_SPC]
 ])
 
 Worker = namedtuple("Worker", [
@@ -150,7 +167,16 @@ Worker = namedtuple("Worker", [
     "laddr_rr",     # int32[MAX_SVC]: round-robin cursor into Config.svc_laddrs
     "laddr_conns",  # int32[MAX_LADDR]: live connections per local address
     "scratch",      # uint8[256]: PROXY headers are built here before insertion
+    # SYN-proxy: one client segment with data (or FIN) held per SYN_SENT connection, sent on
+    # (translated, through Tx) right after the ACK that completes the real server's handshake.
+    # Direct-mapped by conn id & (SP_HOLD_SLOTS - 1); a busy slot means the segment is dropped
+    # (the client retransmits it).
+    "sp_hold",      # uint8[SP_HOLD_SLOTS, SP_HOLD_BYTES]
+    "sp_hold_cid",  # int64[SP_HOLD_SLOTS]: owning connection, 0 = free
+    "sp_hold_len",  # int32[SP_HOLD_SLOTS]
 ])
+SP_HOLD_SLOTS = 256
+SP_HOLD_BYTES = 2048
 FRAG_SLOTS = 4096
 FRAG_TIMEOUT_NS = 30 * C.NS     # the kernel's ipfrag_time default
 
@@ -190,7 +216,28 @@ def new_config():
         timeouts_ns=C.DEFAULT_TIMEOUTS_S * C.NS,
         laddr=np.zeros(MAX_LADDR, np.uint32),
         svc_laddrs=np.zeros((MAX_SVC, MAX_LADDR_PER_SVC), np.uint16),
+        sp_secrets=new_sp_secrets(),
+        sp_cfg=_default_sp_cfg(),
     )
+
+
+def new_sp_secrets():
+    """Two random generations of SYN-cookie keys (uint64[2, 4])."""
+    import secrets
+    return np.array([[secrets.randbits(64) for _ in range(4)] for _ in range(2)], np.uint64)
+
+
+def rotate_sp_secrets(cfg):
+    """Row 1 <- row 0, then a new random row 0, in place (workers read it as they run: a cookie
+    checked during the copy fails at worst, and the client retransmits its ACK)."""
+    import secrets
+    cfg.sp_secrets[1, :] = cfg.sp_secrets[0, :]
+    cfg.sp_secrets[0, :] = np.array([secrets.randbits(64) for _ in range(4)], np.uint64)
+
+
+def _default_sp_cfg():
+    from control.synproxy_settings import SynproxySettings
+    return SynproxySettings().as_array()
 
 
 def index_size_for(max_conns):
@@ -240,6 +287,9 @@ def new_worker(max_conns=1 << 20, worker=0, n_workers=1, port_lo=LPORT_LO, port_
         laddr_rr=np.zeros(MAX_SVC, np.int32),
         laddr_conns=np.zeros(MAX_LADDR, np.int32),
         scratch=np.zeros(256, np.uint8),
+        sp_hold=np.zeros((SP_HOLD_SLOTS, SP_HOLD_BYTES), np.uint8),
+        sp_hold_cid=np.zeros(SP_HOLD_SLOTS, np.int64),
+        sp_hold_len=np.zeros(SP_HOLD_SLOTS, np.int32),
     )
 
 

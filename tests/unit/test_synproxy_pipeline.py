@@ -1,0 +1,259 @@
+"""SYN-proxy through process_batch: golden exchanges, checked with scapy from each end's point of
+view. The client only ever sees VIP:vport, the cookie's sequence space and our TS clock; the real
+server sees the client (NAT) or laddr:lport (FULLNAT), its own ISN and its own TS clock. The
+generated packets (SYN and ACK to the real server, RSTs) are taken from the batch's tx ring."""
+
+import struct
+
+from scapy.all import IP, TCP, Raw
+
+from dataplane import consts as C
+from dataplane import synproxy as SP
+from dataplane import tables as T
+from dataplane.batch import Batch
+from tests.unit.test_pipeline import CLIENT, RS3, VIP, build
+
+LADDRS = ["172.16.2.200", "172.16.2.201"]
+NOW = 1000 * C.NS
+M32 = 2**32 - 1
+OPTS = [("MSS", 1460), ("SAckOK", b""), ("Timestamp", (100, 0)), ("WScale", 7)]
+
+
+def run(cfg, wk, pkts, now=NOW):
+    """[(verdict, IP)], [IP generated]"""
+    b = Batch(max_pkts=max(1, len(pkts)))
+    for p in pkts:
+        b.add(bytes(p))
+    v = b.run(cfg, wk, now)
+    return [(int(v[i]), IP(b.packet(i))) for i in range(b.n)], [IP(x) for x in b.tx_packets()]
+
+
+def one(cfg, wk, pkt, now=NOW):
+    [(v, out)], tx = run(cfg, wk, [pkt], now)
+    return v, out, tx
+
+
+def valid(pkt):
+    raw = bytes(pkt)
+    again = IP(raw)
+    del again.chksum
+    del again[TCP].chksum
+    return bytes(IP(bytes(again))) == raw
+
+
+def opts(pkt):
+    return dict(pkt[TCP].options)
+
+
+def cli(flags, seq, ack=0, options=(), data=b"", sport=40000):
+    p = IP(src=CLIENT, dst=VIP) / TCP(sport=sport, dport=80, flags=flags, seq=seq % 2**32,
+                                      ack=ack % 2**32, options=list(options))
+    return p / Raw(data) if data else p
+
+
+def handshake(cfg, wk, isn, sport=40000, tsval=100):
+    """SYN -> cookie SYN-ACK; the client's ACK -> SYN to the RS. Returns (synack, rs_syn)."""
+    o = [("MSS", 1460), ("SAckOK", b""), ("Timestamp", (tsval, 0)), ("WScale", 7)]
+    v, synack, tx = one(cfg, wk, cli("S", isn, options=o, sport=sport))
+    assert v == C.VERDICT_REWRITE and not tx
+    tb = opts(synack)["Timestamp"][0]
+    v, _, tx = one(cfg, wk, cli("A", isn + 1, synack[TCP].seq + 1,
+                                [("NOP", None), ("NOP", None), ("Timestamp", (tsval + 1, tb))],
+                                sport=sport))
+    assert v == C.VERDICT_DROP and len(tx) == 1
+    return synack, tx[0]
+
+
+def test_syn_answered_with_cookie_and_no_state():
+    cfg, wk, _, _ = build(flags=C.SVC_F_SYNPROXY)
+    v, out, tx = one(cfg, wk, cli("S", 1000, options=OPTS))
+    assert v == C.VERDICT_REWRITE and valid(out) and not tx
+    assert (out.src, out.dst, out[TCP].sport, out[TCP].dport) == (VIP, CLIENT, 80, 40000)
+    assert out[TCP].flags == "SA" and out[TCP].ack == 1001
+    o = opts(out)
+    assert o["MSS"] == 1452 and "SAckOK" in o and o["Timestamp"][1] == 100
+    assert "WScale" not in o                    # synproxy_wscale 0: no window scaling offered
+    assert wk.ctl[T.CTL_N_CONNS] == 0 and wk.stats[C.STAT_SYNPROXY_COOKIE_SENT] == 1
+    # Without timestamps only the MSS is offered.
+    v, out, _ = one(cfg, wk, cli("S", 5, options=[("MSS", 1300)], sport=40001))
+    assert v == C.VERDICT_REWRITE and opts(out) == {"MSS": 1300}
+
+
+def test_forged_and_stale_acks_are_dropped_and_counted():
+    cfg, wk, _, _ = build(flags=C.SVC_F_SYNPROXY)
+    v, synack, _ = one(cfg, wk, cli("S", 1000, options=OPTS))
+    # (As the kernel's, the ISN is added, not hashed: off by less than N_MSS decodes as a
+    # neighbouring MSS index; only someone who saw the SYN-ACK can do that.)
+    for ack in (12345, synack[TCP].seq + 1 + 2**20, synack[TCP].seq - 100):
+        v, _, tx = one(cfg, wk, cli("A", 1001, ack))
+        assert v == C.VERDICT_DROP and not tx
+    v, _, tx = one(cfg, wk, cli("A", 1001, synack[TCP].seq + 1), now=NOW + 10 * 60 * C.NS)
+    assert v == C.VERDICT_DROP and not tx          # older than the cookie lifetime
+    assert wk.stats[C.DROP_SYNPROXY_BAD_ACK] == 4 and wk.ctl[T.CTL_N_CONNS] == 0
+    # RST/FIN with no connection: the local stack answers, as without SYN-proxy.
+    v, _, _ = one(cfg, wk, cli("R", 1001))
+    assert v == C.VERDICT_ACCEPT and wk.stats[C.STAT_NOT_SYN] == 1
+
+
+def test_previous_secret_generation_still_checks():
+    cfg, wk, _, _ = build(flags=C.SVC_F_SYNPROXY)
+    v, synack, _ = one(cfg, wk, cli("S", 1000, options=OPTS))
+    T.rotate_sp_secrets(cfg)
+    v, _, tx = one(cfg, wk, cli("A", 1001, synack[TCP].seq + 1))
+    assert v == C.VERDICT_DROP and len(tx) == 1 and wk.stats[C.STAT_SYNPROXY_OK_ACK] == 1
+    T.rotate_sp_secrets(cfg)
+    _, synack, _ = one(cfg, wk, cli("S", 1000, sport=40001))
+    T.rotate_sp_secrets(cfg)
+    T.rotate_sp_secrets(cfg)
+    v, _, tx = one(cfg, wk, cli("A", 1001, synack[TCP].seq + 1, sport=40001))
+    assert v == C.VERDICT_DROP and not tx and wk.stats[C.DROP_SYNPROXY_BAD_ACK] == 1
+
+
+def test_nat_full_exchange_with_sequence_wrap():
+    cfg, wk, _, _ = build(flags=C.SVC_F_SYNPROXY)
+    isn = 2**32 - 3                                 # the client's stream wraps after 2 bytes
+    synack, syn = handshake(cfg, wk, isn)
+    cookie, tb = synack[TCP].seq, opts(synack)["Timestamp"][0]
+    # The SYN to the real server: the client's tuple, ISN and TS value; the cookie's MSS.
+    assert valid(syn) and (syn.src, syn.dst, syn[TCP].sport, syn[TCP].dport) == (CLIENT, RS3, 40000, 80)
+    assert syn[TCP].flags == "S" and syn[TCP].seq == isn
+    o = opts(syn)
+    assert o["MSS"] == 1452 and "SAckOK" in o and o["Timestamp"] == (101, 0)
+    c = wk.conn[1]
+    assert c["state"] == C.IP_VS_TCP_S_SYN_SENT and c["flags"] & C.CONN_F_SYNPROXY
+    assert wk.stats[C.STAT_SYNPROXY_OK_ACK] == 1
+    # Client data while the RS has not answered: the first segment is held, later ones dropped.
+    early = cli("PA", isn + 1, cookie + 1, [("NOP", None), ("NOP", None), ("Timestamp", (102, tb))],
+                b"early")
+    v, _, tx = one(cfg, wk, early)
+    assert v == C.VERDICT_DROP and not tx and wk.stats[C.STAT_SYNPROXY_ACK_STORED] == 1
+    v, _, tx = one(cfg, wk, early)
+    assert v == C.VERDICT_DROP and not tx and wk.stats[C.DROP_SYNPROXY_SYN_SENT] == 1
+    # The RS's SYN-ACK (ISN near the wrap too) is consumed; our ACK completes its handshake.
+    rs_isn = 2**32 - 1
+    v, _, tx = one(cfg, wk, IP(src=RS3, dst=CLIENT) / TCP(sport=80, dport=40000, flags="SA", seq=rs_isn,
+                                                         ack=isn + 1, options=[("MSS", 1460), ("SAckOK", b""),
+                                                                               ("Timestamp", (5000, 101))]))
+    assert v == C.VERDICT_DROP and len(tx) == 2
+    ack, held = tx
+    # The held segment follows our ACK, already in the RS's spaces.
+    assert valid(held) and (held.src, held.dst, held[TCP].dport) == (CLIENT, RS3, 80)
+    assert held[TCP].seq == (isn + 1) % 2**32 and held[TCP].ack == 0
+    assert opts(held)["Timestamp"] == (102, 5000) and bytes(held[TCP].payload) == b"early"
+    assert valid(ack) and (ack.src, ack.dst, ack[TCP].sport, ack[TCP].dport) == (CLIENT, RS3, 40000, 80)
+    assert ack[TCP].flags == "A" and ack[TCP].seq == (isn + 1) % 2**32 and ack[TCP].ack == 0
+    assert opts(ack)["Timestamp"] == (101, 5000)
+    assert wk.conn[1]["state"] == C.IP_VS_TCP_S_ESTABLISHED and wk.stats[C.STAT_SYNPROXY_RS_SYNACK] == 1
+    did = cfg.svc_dests[1, 0]
+    assert wk.active[did] == 1 and wk.inactive[did] == 0
+    # Data both ways, each side in its own sequence and TS space.
+    v, out, _ = one(cfg, wk, cli("PA", isn + 1, cookie + 1, [("NOP", None), ("NOP", None),
+                                                             ("Timestamp", (102, tb))], b"GET /"))
+    assert v == C.VERDICT_REWRITE and valid(out) and out.dst == RS3 and out.src == CLIENT
+    assert out[TCP].seq == (isn + 1) % 2**32 and out[TCP].ack == 0          # rs_isn + 1, wrapped
+    assert opts(out)["Timestamp"] == (102, 5000) and bytes(out[TCP].payload) == b"GET /"
+    v, back, _ = one(cfg, wk, IP(src=RS3, dst=CLIENT) / TCP(sport=80, dport=40000, flags="PA", seq=0,
+                                                            ack=(isn + 6) % 2**32,
+                                                            options=[("NOP", None), ("NOP", None),
+                                                                     ("Timestamp", (5003, 102))]) / Raw(b"hello"))
+    assert v == C.VERDICT_REWRITE and valid(back) and (back.src, back.dst) == (VIP, CLIENT)
+    assert back[TCP].seq == (cookie + 1) % 2**32 and back[TCP].ack == (isn + 6) % 2**32
+    assert opts(back)["Timestamp"] == ((tb + 3) % 2**32, 102) and bytes(back[TCP].payload) == b"hello"
+    # SACK blocks from the client move into the RS's space.
+    v, out, _ = one(cfg, wk, cli("A", isn + 6, cookie + 1, [("NOP", None), ("NOP", None),
+                                                            ("SAck", ((cookie + 10) % 2**32, (cookie + 20) % 2**32))]))
+    assert valid(out) and opts(out)["SAck"] == (9, 19)
+
+
+def test_rs_refuses_or_never_answers():
+    cfg, wk, _, _ = build(flags=C.SVC_F_SYNPROXY, dests=((RS3, 80, 1),))
+    synack, syn = handshake(cfg, wk, 1000)
+    v, _, tx = one(cfg, wk, IP(src=RS3, dst=CLIENT) / TCP(sport=80, dport=40000, flags="RA", seq=0, ack=1001))
+    assert v == C.VERDICT_DROP and len(tx) == 1
+    rst = tx[0]
+    assert valid(rst) and (rst.src, rst.dst, rst[TCP].sport, rst[TCP].dport) == (VIP, CLIENT, 80, 40000)
+    assert rst[TCP].flags == "RA" and rst[TCP].seq == synack[TCP].seq + 1 and rst[TCP].ack == 1001
+    assert wk.ctl[T.CTL_N_CONNS] == 0 and wk.stats[C.DROP_SYNPROXY_RS_RST] == 1
+    # Silent RS: the client's retransmissions drive SYN retries, then a RST.
+    synack, syn = handshake(cfg, wk, 2000, sport=40001)
+    now = NOW
+    retries = []
+    for k in range(1, 5):
+        now += 2 * C.NS
+        v, _, tx = one(cfg, wk, cli("PA", 2001, synack[TCP].seq + 1, data=b"x", sport=40001), now=now)
+        assert v == C.VERDICT_DROP
+        retries.append([(str(p[TCP].flags), p.dst) for p in tx])
+    syn_retry = [("S", RS3)]
+    assert retries[:3] == [syn_retry] * 3 and retries[3] == [("RA", CLIENT)]
+    assert wk.stats[C.STAT_SYNPROXY_RS_SYN_RETRY] == 3 and wk.ctl[T.CTL_N_CONNS] == 0
+
+
+def test_ack_storm_from_rs_is_cut():
+    cfg, wk, _, _ = build(flags=C.SVC_F_SYNPROXY, dests=((RS3, 80, 1),))
+    synack, syn = handshake(cfg, wk, 1000)
+    one(cfg, wk, IP(src=RS3, dst=CLIENT) / TCP(sport=80, dport=40000, flags="SA", seq=7, ack=1001))
+    dup = IP(src=RS3, dst=CLIENT) / TCP(sport=80, dport=40000, flags="A", seq=8, ack=1001)
+    verdicts = [one(cfg, wk, dup)[0] for _ in range(12)]
+    # The first sets the pair; repeats 1..9 pass, the 10th and 11th are dropped.
+    assert verdicts == [C.VERDICT_REWRITE] * 10 + [C.VERDICT_DROP] * 2
+    assert wk.stats[C.DROP_SYNPROXY_ACK_STORM] == 2
+
+
+def fnat(**kw):
+    return build(fwd=C.FWD_FULLNAT, laddrs=LADDRS, **kw)
+
+
+def test_fullnat_synproxy_exchange_with_toa():
+    cfg, wk, _, _ = fnat(flags=C.SVC_F_SYNPROXY | C.SVC_F_TOA)
+    isn = 2**32 - 2
+    synack, syn = handshake(cfg, wk, isn)
+    cookie, tb = synack[TCP].seq, opts(synack)["Timestamp"][0]
+    assert valid(syn) and syn.src in LADDRS and syn.dst == RS3 and syn[TCP].dport == 80
+    assert 5000 <= syn[TCP].sport <= 65535 and syn[TCP].flags == "S"
+    assert "Timestamp" not in opts(syn) and opts(syn)["MSS"] == 1452
+    laddr, lport, s0 = syn.src, syn[TCP].sport, syn[TCP].seq
+    assert wk.conn[1]["flags"] & C.CONN_F_FULLNAT
+    v, _, tx = one(cfg, wk, cli("PA", isn + 1, cookie + 1, data=b"held"))
+    assert v == C.VERDICT_DROP and not tx
+    v, _, tx = one(cfg, wk, IP(src=RS3, dst=laddr) / TCP(sport=80, dport=lport, flags="SA", seq=2**32 - 1,
+                                                         ack=(s0 + 1) % 2**32, options=[("MSS", 1460)]))
+    assert v == C.VERDICT_DROP and len(tx) == 2
+    ack, held = tx
+    assert valid(ack) and (ack.src, ack.dst, ack[TCP].sport, ack[TCP].dport) == (laddr, RS3, lport, 80)
+    assert ack[TCP].seq == (s0 + 1) % 2**32 and ack[TCP].ack == 0
+    raw = bytes(ack[TCP])[20:ack[TCP].dataofs * 4]
+    assert raw[:2] == b"\xfe\x08" and raw[2:4] == struct.pack("!H", 40000)
+    assert raw[4:8] == bytes(map(int, CLIENT.split(".")))
+    assert valid(held) and (held.src, held.dst, held[TCP].sport, held[TCP].dport) == (laddr, RS3, lport, 80)
+    assert held[TCP].seq == (s0 + 1) % 2**32 and held[TCP].ack == 0 and bytes(held[TCP].payload) == b"held"
+    v, out, _ = one(cfg, wk, cli("PA", isn + 1, cookie + 1, [("NOP", None), ("NOP", None),
+                                                             ("Timestamp", (102, tb))], b"GET /"))
+    assert v == C.VERDICT_REWRITE and valid(out)
+    assert (out.src, out.dst, out[TCP].sport, out[TCP].dport) == (laddr, RS3, lport, 80)
+    assert out[TCP].seq == (s0 + 1) % 2**32 and out[TCP].ack == 0
+    assert bytes(out[TCP].payload) == b"GET /"
+    v, back, _ = one(cfg, wk, IP(src=RS3, dst=laddr) / TCP(sport=80, dport=lport, flags="PA", seq=0,
+                                                           ack=(s0 + 6) % 2**32) / Raw(b"hello"))
+    assert v == C.VERDICT_REWRITE and valid(back)
+    assert (back.src, back.dst, back[TCP].sport, back[TCP].dport) == (VIP, CLIENT, 80, 40000)
+    assert back[TCP].seq == (cookie + 1) % 2**32 and back[TCP].ack == (isn + 6) % 2**32
+    assert bytes(back[TCP].payload) == b"hello"
+
+
+def test_window_scaling_offered_and_rescaled():
+    cfg, wk, _, _ = build(flags=C.SVC_F_SYNPROXY, dests=((RS3, 80, 1),))
+    cfg.sp_cfg[SP.SPC_WSCALE] = 2
+    synack, syn = handshake(cfg, wk, 1000)
+    assert opts(synack)["WScale"] == 2 and opts(syn)["WScale"] == 7
+    one(cfg, wk, IP(src=RS3, dst=CLIENT) / TCP(sport=80, dport=40000, flags="SA", seq=7, ack=1001,
+                                               options=[("WScale", 5)]))
+    v, back, _ = one(cfg, wk, IP(src=RS3, dst=CLIENT) / TCP(sport=80, dport=40000, flags="A", seq=8,
+                                                            ack=1001, window=1000))
+    assert valid(back) and back[TCP].window == 8000          # 1000 << (5 - 2)
+
+
+def test_non_synproxy_service_unchanged():
+    cfg, wk, _, _ = build()
+    v, out, tx = one(cfg, wk, cli("S", 1000, options=OPTS))
+    assert v == C.VERDICT_REWRITE and out.dst == RS3 and not tx
+    assert wk.stats[C.STAT_SYNPROXY_COOKIE_SENT] == 0
