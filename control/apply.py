@@ -344,3 +344,19 @@ def specs_from_config(config):
             persist_mask=_mask(vs.persistence_granularity), dests=dests, sorry=sorry,
             laddrs=laddrs, source=where))
     return specs, notes
+
+
+def expire_dest_conns(workers, dest_id):
+    """IPVS's expire_nodest_conn: make every connection to a real server that went down expire
+    now. The data plane then treats its next packet as having no connection (a SYN is scheduled
+    afresh; anything else reaches the local stack, whose RST tells the client to reconnect). A
+    worker may re-arm a row it is handling at this very moment; that connection then simply
+    lives on until its next packet after this. Returns how many were expired."""
+    n = 0
+    for wk in workers:
+        conn = wk.conn
+        rows = np.nonzero((conn["dest"] == dest_id) & (conn["flags"] != 0)
+                          & ((conn["flags"] & C.IP_VS_CONN_F_TEMPLATE) == 0))[0]
+        conn["expire_ns"][rows] = 0
+        n += len(rows)
+    return n

@@ -32,7 +32,20 @@ def main(argv=None):
     r.add_argument("--instance", default="default",
                    help="name for this instance's iptables chains (several may share a host)")
     r.add_argument("--max-conns", type=int, default=1 << 20, help="connections per worker")
+    r.add_argument("--lport-range", default="5000-65535", metavar="LO-HI",
+                   help="FULLNAT local ports per local address (default %(default)s; keep it "
+                        "apart from net.ipv4.ip_local_port_range if the balancer's own sockets "
+                        "use a local address)")
+    r.add_argument("--expire-nodest-conn", action="store_true",
+                   help="when a health check takes a real server out, expire its connections "
+                        "(IPVS's expire_nodest_conn): their next packet gets a RST from the "
+                        "balancer and the client reconnects to a live one; default: they "
+                        "continue, as with IPVS")
     r.add_argument("-v", "--verbose", action="store_true")
+    r.add_argument("--metrics", metavar="ADDR:PORT",
+                   help="serve Prometheus metrics on http://ADDR:PORT/metrics (off by default)")
+    r.add_argument("--socket-group", metavar="GROUP",
+                   help="members of GROUP (primary group) may use the control socket too")
 
     ls = sub.add_parser("list", help="list services like ipvsadm -L -n")
     ls.add_argument("-n", "--numeric", action="store_true", help="accepted; output is always numeric")
@@ -41,9 +54,13 @@ def main(argv=None):
     g.add_argument("--rate", action="store_true")
     g.add_argument("-c", "--connection", action="store_true")
     g.add_argument("--timeout", action="store_true")
+    g.add_argument("-G", "--laddr", action="store_true",
+                   help="FULLNAT local addresses (DPVS's ipvsadm -G layout)")
     ls.add_argument("--exact", action="store_true")
     ls.add_argument("--json", action="store_true", help="the raw snapshot, dataplane counters included")
     ls.add_argument("--socket", default=_socket_default())
+
+    _add_live_parsers(sub)
 
     args = p.parse_args(argv)
     if args.cmd == "check":
@@ -54,10 +71,24 @@ def main(argv=None):
                             format="%(asctime)s lvs-dp %(levelname)s %(message)s")
         from control import daemon
         return daemon.run(args.config, args.socket, args.backend, args.queues, args.queue_base,
-                          args.instance, args.max_conns)
+                          args.instance, args.max_conns, metrics=args.metrics,
+                          socket_group=args.socket_group, lport_range=_port_range(args.lport_range),
+                          expire_nodest_conn=args.expire_nodest_conn)
     if args.cmd == "list":
         return _list(args)
+    if args.cmd in LIVE_COMMANDS:
+        return _live(args)
     return 2
+
+
+def _port_range(text):
+    try:
+        lo, hi = (int(x) for x in text.split("-"))
+        if not 1 <= lo <= hi <= 65535:
+            raise ValueError
+    except ValueError:
+        raise SystemExit(f"lvs-dp: bad --lport-range {text!r}: want LO-HI within 1-65535") from None
+    return lo, hi
 
 
 def _list(args):
@@ -74,6 +105,9 @@ def _list(args):
         print(json.dumps(snap, indent=2))
         return 0
     from control import render
+    if args.laddr:
+        sys.stdout.write(render.render_laddr(snap))
+        return 0
     sys.stdout.write(render.render_list(snap, stats=args.stats, rate=args.rate, exact=args.exact,
                                         conns=args.connection, timeout=args.timeout))
     if args.stats:
@@ -97,6 +131,112 @@ def render_dataplane(snap):
         lines.append(f"  Queue {q}: waiting {qs.get('queue_total', 0)}, dropped by the kernel "
                      f"{qs.get('queue_dropped', 0)}, lost to the socket {qs.get('user_dropped', 0)}")
     return "\n".join(lines) + "\n"
+
+
+# --- live operation: reload, ipvsadm-style edits, health (issue 6) ---------------------------------
+LIVE_COMMANDS = ("reload", "edit-real", "add-real", "del-real", "set-timeout", "health")
+
+
+def _add_live_parsers(sub):
+    rl = sub.add_parser("reload", help="re-read the configuration (like SIGHUP); refused, with "
+                                       "the errors, if it has any")
+    rl.add_argument("--socket", default=_socket_default())
+    for name, help_ in (("add-real", "add a real server (ipvsadm -a)"),
+                        ("edit-real", "change a real server's weight (ipvsadm -e)"),
+                        ("del-real", "remove a real server (ipvsadm -d)")):
+        e = sub.add_parser(name, help=help_ + "; until the next reload")
+        svc = e.add_mutually_exclusive_group(required=True)
+        svc.add_argument("-t", "--tcp-service", metavar="VIP:PORT")
+        svc.add_argument("-u", "--udp-service", metavar="VIP:PORT")
+        svc.add_argument("-f", "--fwmark-service", metavar="MARK", type=int)
+        e.add_argument("-r", "--real-server", metavar="ADDR[:PORT]", required=True)
+        if name != "del-real":
+            e.add_argument("-w", "--weight", type=int, required=name == "edit-real")
+        if name == "add-real":
+            fwd = e.add_mutually_exclusive_group()
+            fwd.add_argument("-m", "--masquerading", dest="fwd", action="store_const",
+                             const="masq", default="masq")
+            fwd.add_argument("-g", "--gatewaying", dest="fwd", action="store_const", const="droute")
+            fwd.add_argument("-i", "--ipip", dest="fwd", action="store_const", const="tunnel")
+        e.add_argument("--socket", default=_socket_default())
+    st = sub.add_parser("set-timeout", help="connection timeouts in seconds, 0 = unchanged "
+                                            "(ipvsadm --set)")
+    st.add_argument("tcp", type=int)
+    st.add_argument("tcpfin", type=int)
+    st.add_argument("udp", type=int)
+    st.add_argument("--socket", default=_socket_default())
+    h = sub.add_parser("health", help="health-check state of every real server (JSON)")
+    h.add_argument("--socket", default=_socket_default())
+
+
+def split_addr_port(text, what):
+    """``ADDR[:PORT]`` or ``[V6][:PORT]`` -> (addr, port or None); SystemExit on nonsense."""
+    import ipaddress
+    addr, port = text, None
+    if text.startswith("["):
+        addr, _, rest = text[1:].partition("]")
+        if rest:
+            port = rest.lstrip(":")
+    elif text.count(":") == 1:
+        addr, port = text.split(":")
+    try:
+        addr = str(ipaddress.ip_address(addr))
+        port = int(port) if port not in (None, "") else None
+    except ValueError:
+        raise SystemExit(f"lvs-dp: bad {what} {text!r}") from None
+    return addr, port
+
+
+def _live_request(args):
+    if args.cmd == "reload":
+        return {"cmd": "reload"}
+    if args.cmd == "health":
+        return {"cmd": "health"}
+    if args.cmd == "set-timeout":
+        return {"cmd": "set-timeout", "tcp": args.tcp, "tcpfin": args.tcpfin, "udp": args.udp}
+    if args.fwmark_service is not None:
+        service = ["FWM", args.fwmark_service]
+    else:
+        proto = "TCP" if args.tcp_service else "UDP"
+        addr, port = split_addr_port(args.tcp_service or args.udp_service, "service")
+        if port is None:
+            raise SystemExit("lvs-dp: the service needs a port (VIP:PORT)")
+        service = [proto, addr, port]
+    req = {"cmd": args.cmd, "service": service,
+           "real": list(split_addr_port(args.real_server, "real server"))}
+    if getattr(args, "weight", None) is not None:
+        req["weight"] = args.weight
+    if args.cmd == "add-real":
+        req["fwd"] = args.fwd
+    return req
+
+
+def _live(args):
+    req = _live_request(args)
+    try:
+        reply = api.request(args.socket, req, timeout=60)
+    except OSError as e:
+        print(f"lvs-dp: cannot reach the daemon at {args.socket}: {e}", file=sys.stderr)
+        return 1
+    if not reply.get("ok"):
+        print(f"lvs-dp: {reply.get('error')}", file=sys.stderr)
+        return 1
+    if args.cmd == "health":
+        print(json.dumps(reply["health"], indent=2))
+        return 0
+    if args.cmd == "set-timeout":
+        t = reply["timeouts"]
+        print(f"Timeout (tcp tcpfin udp): {t['tcp']} {t['tcpfin']} {t['udp']}")
+        return 0
+    for line in reply.get("changes", []):
+        print(line)
+    if args.cmd == "reload" and not reply.get("changes"):
+        print("reloaded: no service changed")
+    for line in reply.get("notes", []):
+        print(f"note: {line}", file=sys.stderr)
+    if reply.get("warning"):
+        print(f"lvs-dp: warning: {reply['warning']}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

@@ -230,3 +230,21 @@ def test_one_batch_many_flows_interleaved():
     single = [run_packets(cfg2, wk2, [p], NOW)[0] for p in pkts]
     assert batch == single
     assert np.array_equal(wk.stats, wk2.stats)
+
+
+def test_expire_nodest_conn_sends_the_next_packet_to_the_local_stack():
+    from control.apply import expire_dest_conns
+    cfg, wk, tw, spec = build()
+    for sp in (1, 2, 3, 4):
+        one(cfg, wk, IP(src=CLIENT, dst=VIP) / TCP(sport=sp, dport=80, flags="S"))
+    rs3 = tw.dest_ids[(spec.key, (RS3, 80), False)]
+    tw.set_available(spec.key, (RS3, 80), False)
+    assert expire_dest_conns([wk], rs3) == 2
+    # sport 1 was on RS3: its next packet finds no connection (RST from the local stack) ...
+    v, _ = one(cfg, wk, IP(src=CLIENT, dst=VIP) / TCP(sport=1, dport=80, flags="A"))
+    assert v == C.VERDICT_ACCEPT and wk.stats[C.STAT_NOT_SYN] == 1
+    # ... sport 2 was on RS4 and continues; a new SYN from sport 1 goes to RS4.
+    v, out = one(cfg, wk, IP(src=CLIENT, dst=VIP) / TCP(sport=2, dport=80, flags="A"))
+    assert v == C.VERDICT_REWRITE and IP(out).dst == RS4
+    v, out = one(cfg, wk, IP(src=CLIENT, dst=VIP) / TCP(sport=1, dport=80, flags="S"))
+    assert IP(out).dst == RS4
