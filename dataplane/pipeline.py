@@ -831,22 +831,16 @@ def process_batch(cfg, wk, buf, off, length, cap, mark, verdict, n, now_ns, tx):
         cid = val >> 1
         direction = val & 1
         c = conn[cid]
-        if c['flags'] & C.CONN_F_SYNPROXY:
-            r = synproxy_conn(cfg, wk, buf, o, plen, np.int64(cap[i]), l4, direction, cid, tflags,
-                              now_ns, tx)
-            if r < 0:
-                verdict[i] = C.VERDICT_DROP
-                continue
-            length[i] = r
-            if (frag & P.IP_MF) != 0:
-                remember_fragment(wk, saddr, daddr, rd16(buf, o + P.IP_ID), proto, val, now_ns)
-            _count(wk, np.int64(c['svc']), np.int64(c['dest']), direction, tot)
-            stats[C.STAT_REWRITTEN] += 1
-            verdict[i] = C.VERDICT_REWRITE
-            continue
+        # SYN-proxy and FULLNAT connections are rewritten out of line (they may grow, hold or
+        # drop packets); `called_out` then holds the new length, or < 0 to drop.
+        called_out = np.int64(0)
+        is_called_out = (c['flags'] & C.CONN_F_SYNPROXY) != 0
+        if is_called_out:
+            called_out = synproxy_conn(cfg, wk, buf, o, plen, np.int64(cap[i]), l4, direction,
+                                       cid, tflags, now_ns, tx)
         # --- state machine and timeout (IPVS set_tcp_state) -----------------------------------
         st = np.int64(c['state'])
-        if proto == C.IPPROTO_TCP:
+        if proto == C.IPPROTO_TCP and not is_called_out:
             ev = CT.tcp_event(tflags)
             if ev >= 0:
                 ns = np.int64(C.TCP_STATES[(C.TCP_DIR_INPUT if direction == C.DIR_IN
@@ -864,14 +858,17 @@ def process_batch(cfg, wk, buf, off, length, cap, mark, verdict, n, now_ns, tx):
                         c['flags'] &= ~C.IP_VS_CONN_F_INACTIVE
                     c['state'] = ns
                     st = ns
-        c['expire_ns'] = now_ns + timeouts[st]
-        if c['flags'] & C.CONN_F_FULLNAT:
-            r = fnat_packet(cfg, wk, buf, o, plen, np.int64(cap[i]), l4, direction, cid, proto,
-                            tflags, now_ns)
-            if r < 0:
+        if not is_called_out:
+            c['expire_ns'] = now_ns + timeouts[st]
+            if c['flags'] & C.CONN_F_FULLNAT:
+                is_called_out = True
+                called_out = fnat_packet(cfg, wk, buf, o, plen, np.int64(cap[i]), l4, direction,
+                                         cid, proto, tflags, now_ns)
+        if is_called_out:
+            if called_out < 0:
                 verdict[i] = C.VERDICT_DROP
                 continue
-            length[i] = r
+            length[i] = called_out
             if (frag & P.IP_MF) != 0:
                 remember_fragment(wk, saddr, daddr, rd16(buf, o + P.IP_ID), proto, val, now_ns)
             _count(wk, np.int64(c['svc']), np.int64(c['dest']), direction, tot)
