@@ -298,6 +298,19 @@ def fnat_isn(laddr, lport, daddr, dport, now_ns):
 
 
 @njit(**JIT)
+def fnat_pp_len(wk, c, sflags):
+    """Length of the connection's PROXY protocol header (0 without one); v1's depends on the
+    digits of the addresses, so it is built (into the worker's scratch) to be measured."""
+    n = np.int64(0)
+    if sflags & C.SVC_F_PROXY_V1:
+        n = FN.proxy_v1_header(wk.scratch, np.int64(c['caddr']), np.int64(c['cport']),
+                               np.int64(c['vaddr']), np.int64(c['vport']))
+    elif sflags & C.SVC_F_PROXY_V2:
+        n = np.int64(FN.PP_V2_LEN_TCP4)
+    return n
+
+
+@njit(**JIT)
 def fnat_packet(cfg, wk, buf, o, plen, cap, l4, direction, cid, proto, tflags, now_ns):
     """FULLNAT: rewrite both addresses and ports, and for TCP translate sequence numbers, strip
     timestamps from the SYN, insert TOA and the PROXY protocol header (dataplane/fullnat.py has
@@ -330,12 +343,7 @@ def fnat_packet(cfg, wk, buf, o, plen, cap, l4, direction, cid, proto, tflags, n
             if (c['flags'] & C.CONN_F_ISN_SET) == 0:
                 isn = fnat_isn(np.int64(c['laddr']), np.int64(c['lport']), np.int64(c['daddr']),
                                np.int64(c['dport']), now_ns)
-                pp_len = np.int64(0)
-                if sflags & C.SVC_F_PROXY_V1:
-                    pp_len = FN.proxy_v1_header(wk.scratch, np.int64(c['caddr']), np.int64(c['cport']),
-                                                np.int64(c['vaddr']), np.int64(c['vport']))
-                elif sflags & C.SVC_F_PROXY_V2:
-                    pp_len = np.int64(FN.PP_V2_LEN_TCP4)
+                pp_len = fnat_pp_len(wk, c, sflags)
                 c['aux'] = seq
                 c['pp_len'] = pp_len
                 c['seq_delta_in'] = (isn - seq + pp_len) & FN.M32
@@ -516,13 +524,7 @@ def synproxy_miss(cfg, wk, buf, o, plen, cap, svc_id, tflags, now_ns, tx):
         isn = fnat_isn(np.int64(c['laddr']), np.int64(c['lport']), np.int64(c['daddr']),
                        np.int64(c['dport']), now_ns)
         sflags = np.int64(cfg.svc[svc_id]['flags'])
-        pp_len = np.int64(0)
-        if sflags & C.SVC_F_PROXY_V1:
-            pp_len = FN.proxy_v1_header(wk.scratch, np.int64(c['caddr']), np.int64(c['cport']),
-                                        np.int64(c['vaddr']), np.int64(c['vport']))
-        elif sflags & C.SVC_F_PROXY_V2:
-            pp_len = np.int64(FN.PP_V2_LEN_TCP4)
-        c['pp_len'] = pp_len
+        c['pp_len'] = fnat_pp_len(wk, c, sflags)
         # The SYN carries isn; the client's stream (client_isn + 1 ...) starts at isn + 1 + pp_len.
         c['seq_delta_in'] = (isn - client_isn) & SP.M32
         c['flags'] |= C.CONN_F_ISN_SET
