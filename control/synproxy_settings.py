@@ -19,6 +19,15 @@ difference:
   lvs-dp rescales the real server's windows by the difference (dataplane/synproxy.py).
 
 `validate` applies the sysctls' ranges (``proc_dointvec_minmax`` extra1/extra2 in ip_vs_ctl.c).
+
+Where an operator sets them
+---------------------------
+lvs-dp has no /proc/sys: the values come from the config's top-level ``synproxy { }`` block
+(control/parser.py ``_root_synproxy``; keepalived warns about the unknown block and skips it)
+and ``lvs-dp run --synproxy NAME=VALUE``, which wins. Either accepts every spelling in `NAMES`
+(field, bare or full sysctl name, DPVS's flat keyword; `field_for`) and on/off for the flags
+(`read_value`). control/daemon.py ``Daemon._apply_synproxy`` merges defaults, file and command
+line (`with_values`) into Config.sp_cfg at start and on every reload.
 """
 
 from __future__ import annotations
