@@ -198,7 +198,7 @@ BOOL_FIELDS = frozenset(f.name for f in dataclasses.fields(SynproxySettings) if 
 
 # Every spelling of a field: its own name, the sysctl's name (bare: ``synproxy_init_mss``) and
 # DPVS's flat keyword where DPVS has one (DPVS's sub-blocks, ``synack_options { }`` and
-# ``conn_reuse_state { }``, are not read).
+# ``conn_reuse_state { }``, are the parser's: control/parser.py _root_synproxy).
 NAMES = {name: name for name in SynproxySettings.__dataclass_fields__}
 NAMES.update({sysctl.rsplit(".", 1)[1]: name for name, sysctl in SYSCTL_NAMES.items()})
 NAMES.update({dpvs: name for name, dpvs in DPVS_NAMES.items() if "/" not in dpvs})

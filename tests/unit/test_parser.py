@@ -736,3 +736,30 @@ def test_check_reports_synproxy_settings_and_errors(capsys, tmp_path):
     assert check.run(str(tmp_path / "b.conf")) == 1
     err = capsys.readouterr().err
     assert f"{tmp_path}/b.conf:2: synproxy syn_retry: 9 is outside 0..6" in err
+
+
+def test_synproxy_block_dpvs_sub_blocks():
+    text = ("synproxy {\n"
+            "    synack_options {\n"
+            "        mss 1400\n"
+            "        ttl 60\n"
+            "        sack off\n"
+            "        timestamp\n"
+            "        window 9\n"             # 7: not one of DPVS's synack options here
+            "    }\n"
+            "    max_ack_saved 2\n"
+            "    conn_reuse_state {\n"
+            "        close\n"
+            "        fin_wait last_ack\n"
+            "        syn_sent\n"             # 13: not a reuse state
+            "    }\n"
+            "}\n")
+    r = parse_text(text, "k.conf")
+    assert _strs(r.errors) == ["k.conf:13: synproxy conn_reuse_state: unknown state 'syn_sent' "
+                               "(expected close, time_wait, fin_wait, close_wait, last_ack)"]
+    assert [(d.line, d.message) for d in r.warnings] == [
+        (7, "synproxy synack_options: unknown keyword 'window'")]
+    assert r.config.synproxy == {"init_mss": 1400, "synack_ttl": 60, "sack": 0, "timestamp": 1,
+                                 "ack_store_max": 2, "conn_reuse": 1, "conn_reuse_close": 1,
+                                 "conn_reuse_time_wait": 0, "conn_reuse_fin_wait": 1,
+                                 "conn_reuse_close_wait": 0, "conn_reuse_last_ack": 1}
