@@ -77,6 +77,8 @@ STAT_FRAG_XLATE = 32        # later fragments rewritten by their first fragment'
 STAT_SYNPROXY_OK_ACK = 33   # SYN-proxy: valid cookie ACKs (connection created, SYN sent to the RS)
 STAT_SYNPROXY_RS_SYNACK = 34    # SYN-proxy: RS SYN-ACKs consumed (ACK sent to the RS: ESTABLISHED)
 STAT_SYNPROXY_ACK_DATA = 35     # SYN-proxy: cookie ACKs that carried data (dropped; retransmitted)
+STAT_FNAT_REPLY_NO_CONN = 36    # FULLNAT: a packet to a local address matched no connection (late
+                                # after expiry, or steered to a worker that does not own its port)
 N_STATS = 64
 
 STAT_NAMES = {
@@ -100,6 +102,7 @@ STAT_NAMES = {
     STAT_SYNPROXY_OK_ACK: "synproxy_ack_ok",
     STAT_SYNPROXY_RS_SYNACK: "synproxy_rs_synack",
     STAT_SYNPROXY_ACK_DATA: "synproxy_ack_with_data",
+    STAT_FNAT_REPLY_NO_CONN: "fnat_reply_no_conn",
 }
 
 # --- protocols ------------------------------------------------------------------------------------
@@ -141,6 +144,8 @@ SVC_F_PROXY_V2 = 0x10       # FULLNAT: PROXY protocol v2 header
 SVC_F_SH_PORT = 0x20        # sh/mh: hash source port too (ipvsadm sh-port / mh-port)
 SVC_F_ONEPACKET = 0x40      # UDP one-packet scheduling (ipvsadm -o)
 SVC_F_SORRY = 0x80          # the sorry server is in use (set by control when no real server is alive)
+SVC_F_FNAT_TS_XLATE = 0x100 # FULLNAT: translate TCP timestamps instead of stripping them from the
+                            # SYN (lvs-dp run --fnat-timestamp translate; dataplane/fullnat.py)
 
 # --- real-server (destination) flags (Dest.flags) --------------------------------------------------
 DEST_F_AVAILABLE = 0x1      # schedulable: control clears it when a health check fails
@@ -155,6 +160,7 @@ IP_VS_CONN_F_TEMPLATE = 0x1000
 CONN_F_FULLNAT = 0x0008
 CONN_F_SYNPROXY = 0x0010
 CONN_F_ISN_SET = 0x0020    # FULLNAT: the RS-side ISN and seq deltas are fixed (first SYN seen)
+CONN_F_TS_XLATE = 0x0040   # FULLNAT: timestamps translated (Conn.ts_off), decided at the first SYN
 CONN_F_PP_ACKED = 0x4000   # FULLNAT: the real server acknowledged the PROXY protocol header
 CONN_F_IN_USE = 0x8000
 

@@ -234,6 +234,12 @@ LPORT_MAX = 65535
 
 M32 = 0xFFFFFFFF
 
+# --- timestamp translation ------------------------------------------------------------------------
+TS_TICK_NS = 1_000_000      # a local address's TS clock ticks once a millisecond (RFC 7323 §5.4:
+                            # 1 ms..1 s per tick; no client clock runs faster)
+_TS_BASE_M = np.uint64(0x9E3779B97F4A7C15)
+_NOP_NOP_TS = (TCPOPT_NOP << 24) | (TCPOPT_NOP << 16) | (TCPOPT_TIMESTAMP << 8) | TCPOLEN_TIMESTAMP
+
 
 # ================================================================================================
 # Local addresses and ports
@@ -451,6 +457,49 @@ def ts_strip(buf, o, l4, doff):
     for i in range(TCPOLEN_TIMESTAMP):
         buf[at + i] = TCPOPT_NOP
     wr16(buf, l4 + P.TCP_CHECK, csum_replace2(ck, before, _seg_sum(buf, l4, at, TCPOLEN_TIMESTAMP)))
+    return np.int64(1)
+
+
+@njit(**INLINE)
+def ts_clock(laddr, now_ns):
+    """The TCP timestamp clock of local address `laddr` at now_ns: milliseconds of now_ns plus a
+    base fixed by the address (a multiplicative hash), mod 2**32. Every worker computes the same
+    value, and it survives a restart of lvs-dp (now_ns is CLOCK_MONOTONIC), so the SYNs one
+    local address sends carry non-decreasing TS values whichever worker or port sends them."""
+    base = (np.uint64(laddr) * _TS_BASE_M) >> np.uint64(32)
+    return (np.int64(now_ns) // TS_TICK_NS + np.int64(base)) & M32
+
+
+@njit(**INLINE)
+def ts_value(buf, l4, doff):
+    """The TS value of the segment's timestamp option (kind 8, length 10), or -1."""
+    at = tcp_find_option(buf, l4, doff, TCPOPT_TIMESTAMP)
+    if at < 0 or buf[at + 1] != TCPOLEN_TIMESTAMP:
+        return np.int64(-1)
+    return rd32(buf, at + 2)
+
+
+@njit(**INLINE)
+def ts_adjust(buf, l4, doff, val_add, ecr_sub):
+    """TS value += val_add and TS echo -= ecr_sub (mod 2**32) in the segment's timestamp option,
+    at any alignment, checksum updated; returns 1, or 0 when there is no such option. NOP NOP TS
+    alone (the usual data-segment layout) is found without an option walk. The FULLNAT
+    translation: client -> RS (ts_off, ts_delta), RS -> client (ts_delta, ts_off)."""
+    if doff <= 20:
+        return np.int64(0)
+    if doff == 32 and rd32(buf, l4 + 20) == _NOP_NOP_TS:
+        at = l4 + 22
+    else:
+        at = tcp_find_option(buf, l4, doff, TCPOPT_TIMESTAMP)
+        if at < 0 or buf[at + 1] != TCPOLEN_TIMESTAMP:
+            return np.int64(0)
+    if ((np.int64(val_add) | np.int64(ecr_sub)) & M32) == 0:
+        return np.int64(1)
+    ck = rd16(buf, l4 + P.TCP_CHECK)
+    before = _seg_sum(buf, l4, at + 2, 8)
+    wr32(buf, at + 2, (rd32(buf, at + 2) + np.int64(val_add)) & M32)
+    wr32(buf, at + 6, (rd32(buf, at + 6) - np.int64(ecr_sub)) & M32)
+    wr16(buf, l4 + P.TCP_CHECK, csum_replace2(ck, before, _seg_sum(buf, l4, at + 2, 8)))
     return np.int64(1)
 
 
