@@ -34,6 +34,9 @@ TCP options (handshake packets)::
     tcp_get_mss(buf, l4, doff) -> mss | -1                                   inline
     tcp_set_mss(buf, o, l4, doff, new_mss) -> mss now in the packet | -1 (no MSS option)
     ts_strip(buf, o, l4, doff) -> 1 stripped | 0 no timestamp option
+    ts_value(buf, l4, doff) -> TS value | -1                                 inline
+    ts_clock(laddr, now_ns) -> the local address's TS clock (ms), mod 2**32  inline
+    ts_adjust(buf, l4, doff, val_add, ecr_sub) -> 1 | 0 (no option)          inline, every packet
     toa_insert(buf, o, l4, length, cap, client_addr, client_port)
         -> new length | TOA_NO_ROOM (-1: no 8 bytes left of the 40 of options)
                       | TOA_NO_CAP (-2: buffer capacity or 64 KiB)          packet untouched
@@ -109,6 +112,9 @@ Composition (what the lead writes in pipeline.py)
 Client -> RS (conn direction in), in this order::
 
     SYN (no ACK):   ts_strip                                   (fullnat_timestamp_remove_entry)
+                    or, translating (SVC_F_FNAT_TS_XLATE, first SYN): Conn.ts_off =
+                    ts_clock(laddr, now) - TS value, CONN_F_TS_XLATE
+    translating:    ts_adjust(buf, l4, doff, ts_off, ts_delta)  (ts_delta: SYN-proxy, else 0)
                     new ISN for the laddr:lport->RS tuple; seq_delta_in = new_isn - client_isn
                     Conn.aux = client_isn;  with PROXY: seq_delta_in += pp_len (see below)
     TOA service:    if toa_wanted(...): toa_insert  (< 0: count STAT_TOA_NO_ROOM, forward as is)
@@ -121,6 +127,7 @@ Client -> RS (conn direction in), in this order::
 
 RS -> client (direction out)::
 
+    translating:    ts_adjust(buf, l4, doff, ts_delta, ts_off)   the client gets its own echoes
     SYN-ACK:        tcp_set_mss(mss - 8) with TOA   (fullnat_mss_adjust_entry: room for TOA)
     all:            dack, acked = pp_out_ack(ack, Conn.aux, seq_delta_in)   (if ACK set;
                     without PROXY pp_out_ack just returns seq_delta_in once past the SYN-ACK)
@@ -135,6 +142,13 @@ compare two clients' clocks (Alibaba's tcp_opt_remove_timestamp; DPVS tcp_in_rem
 without the option disables timestamps for the whole connection (RFC 7323), so later segments
 need no stripping. The new ISN (tcp_in_init_seq in both) keeps a reused laddr:lport->RS tuple's
 sequence numbers moving forward, so an RS still in TIME_WAIT for it accepts the new SYN.
+
+Or timestamps are translated (``lvs-dp run --fnat-timestamp translate``): every local address
+has one clock, `ts_clock` (ms of the engine's monotonic now_ns plus a base fixed by the address),
+and each connection's client values are shifted onto it at its first SYN (Conn.ts_off), echoes
+shifted back. Values from one laddr then never go back, across clients, workers and ports, which
+is what the RS's PAWS checks compare; the RS keeps timestamps (RTT, PAWS, SACK/wscale in its
+syncookies). kernel-notes/fullnat-synproxy.md ("strip or translate") has the reasoning.
 
 TOA
 ---
