@@ -291,6 +291,26 @@ def test_timestamps_translated_reach_the_real_servers(lab):
     assert "mss:1460" in rs_ss and "mss:1448" not in rs_ss, rs_ss
 
 
+def test_timestamps_translated_behind_syn_proxy(lab, tmp_path):
+    """syn_proxy on the FULLNAT service with translate: the balancer's own SYN to the real
+    server carries a TS value (the client's, on the local address's clock), the RS keeps
+    timestamps, and a 50 MB download is intact (both TS shifts at work: ts_off and ts_delta)."""
+    conf = tmp_path / "fnat-sp.conf"
+    conf.write_text(re.sub(r"(\n(\s*)lb_kind FNAT\b[^\n]*)", r"\1\n\2syn_proxy", CONF.read_text(),
+                           count=1))
+    with LvsDp(lab, conf, extra=["--fnat-timestamp", "translate"]) as lb:
+        cap = _capture(lab, "rs3", 3)
+        for _ in range(4):
+            assert "Hello Server" in lab.curl(f"http://{lab.vip}/").stdout
+        dump = _capture_done(lab, cap)
+        r = lab.run("client", f"curl -sS --max-time 60 http://{lab.vip}/big | sha256sum", timeout=90)
+        assert r.stdout.split()[0] == lab.bulk_sha256
+        dp = lb.snapshot()["dataplane"]
+    assert "Flags [S]" in dump and dump.count("TS val") >= 3, dump
+    assert dp["counters"]["synproxy_rs_synack"] >= 5
+    assert all(v == 0 for v in dp["drops"].values()), dp["drops"]
+
+
 MANY = textwrap.dedent("""
     import selectors, socket, sys, time
     n = int(sys.argv[1])
