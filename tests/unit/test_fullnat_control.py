@@ -60,3 +60,20 @@ def test_a_vip_shared_with_nat_keeps_client_address_steering():
     matches = Daemon._matches(None, specs)
     assert {m.steer_key for m in matches if m.direction == "in"} == {"saddr"}
     R.render_chains(matches, (0, 2), "t")       # one steering key per address: no conflict
+
+
+def test_per_worker_counters_in_metrics_and_list_stats():
+    from control import metrics as M
+    from control.cli import render_dataplane
+    workers = [{"queue": q, "conns": 2 + q, "conn_new": 10 * (q + 1), "packets": 99, "drops": 0,
+                "fnat_reply_no_conn": q} for q in (0, 1)]
+    snap = {"services": [], "dataplane": {"backend": "netlink", "workers": 2, "drops": {},
+                                          "counters": {}, "conns": 5, "templates": 0,
+                                          "queues": {}, "fnat_timestamp": "translate",
+                                          "per_worker": workers}}
+    text = M.render(snap, None)
+    assert 'lvsdp_worker_conn_new_total{queue="1"} 20' in text
+    assert 'lvsdp_worker_fnat_reply_no_conn_total{queue="1"} 1' in text
+    out = render_dataplane(snap)
+    assert "FULLNAT timestamps translate" in out
+    assert out.splitlines()[-1].split() == ["1", "3", "20", "99", "0", "1"]
