@@ -60,11 +60,19 @@ class ServiceSpec:
         return f"{C.PROTO_NAMES[self.proto]}  {self.addr}:{self.port}"
 
 
+FNAT_TIMESTAMP_MODES = ("strip", "translate")
+
+
 class TableWriter:
     """Owns id allocation and writes Config rows. Not thread-safe: one control thread calls it."""
 
-    def __init__(self, cfg, on_new_laddr=None):
+    def __init__(self, cfg, on_new_laddr=None, fnat_timestamp="strip"):
         self.cfg = cfg
+        # FULLNAT timestamps towards real servers, for every FULLNAT service: "strip" (the
+        # patch's fullnat_timestamp_remove_entry 1) or "translate" (SVC_F_FNAT_TS_XLATE).
+        if fnat_timestamp not in FNAT_TIMESTAMP_MODES:
+            raise ValueError(f"fnat_timestamp must be one of {FNAT_TIMESTAMP_MODES}")
+        self.fnat_timestamp = fnat_timestamp
         # FULLNAT local addresses keep one id for their life, shared by every service whose
         # pool holds them, so each worker's port FIFO of an address survives reloads.
         self.laddr_ids = {}      # address -> laddr id
@@ -189,7 +197,10 @@ class TableWriter:
         row["port"] = spec.port
         row["sorry_dest"] = sorry_id
         self._write_laddrs(sid, spec)
-        row["flags"] = spec.flags
+        flags = spec.flags
+        if spec.fwd == C.FWD_FULLNAT and self.fnat_timestamp == "translate":
+            flags |= C.SVC_F_FNAT_TS_XLATE
+        row["flags"] = flags
         row["persist_timeout_s"] = spec.persist_timeout_s
         row["persist_mask"] = T.ip2int(spec.persist_mask)
         row["gen"] += 1

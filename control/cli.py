@@ -46,6 +46,11 @@ def main(argv=None):
                         "(net.ipv4.vs.synproxy_init_mss=1452, or synproxy_init_mss=1452, or "
                         "init_mss=1452); repeatable; overrides the config's synproxy { } block, "
                         "also across reloads")
+    r.add_argument("--fnat-timestamp", choices=["strip", "translate"], default="strip",
+                   help="FULLNAT TCP timestamps towards the real servers: strip them from the "
+                        "SYN (default; the patched kernel's fullnat_timestamp_remove_entry 1) or "
+                        "translate them onto one clock per local address, so the real servers "
+                        "keep timestamps (RTT, PAWS) without tripping PAWS on reused tuples")
     r.add_argument("-v", "--verbose", action="store_true")
     r.add_argument("--metrics", metavar="ADDR:PORT",
                    help="serve Prometheus metrics on http://ADDR:PORT/metrics (off by default)")
@@ -79,7 +84,8 @@ def main(argv=None):
         return daemon.run(args.config, args.socket, args.backend, args.queues, args.queue_base,
                           args.instance, args.max_conns, metrics=args.metrics,
                           socket_group=args.socket_group, lport_range=_port_range(args.lport_range),
-                          expire_nodest_conn=args.expire_nodest_conn, synproxy=synproxy)
+                          expire_nodest_conn=args.expire_nodest_conn, synproxy=synproxy,
+                          fnat_timestamp=args.fnat_timestamp)
     if args.cmd == "list":
         return _list(args)
     if args.cmd in LIVE_COMMANDS:
@@ -140,7 +146,8 @@ def render_dataplane(snap):
     above it): every drop reason, the engine counters and the kernel's queue counters."""
     dp = snap.get("dataplane", {})
     lines = ["", f"Data plane ({dp.get('backend')}, {dp.get('workers')} worker(s)): "
-                 f"{dp.get('conns', 0)} connections, {dp.get('templates', 0)} templates"]
+                 f"{dp.get('conns', 0)} connections, {dp.get('templates', 0)} templates"
+                 + (f", FULLNAT timestamps {dp['fnat_timestamp']}" if "fnat_timestamp" in dp else "")]
     lines.append("  Drops:")
     for name, v in dp.get("drops", {}).items():
         lines.append(f"    {name:<24}{v:>12}")
@@ -150,6 +157,12 @@ def render_dataplane(snap):
     sp = snap.get("synproxy")
     if sp:
         lines.append("  SYN-proxy settings: " + " ".join(f"{k}={v}" for k, v in sp.items()))
+    if len(dp.get("per_worker", ())) > 1:
+        lines.append(f"  Workers:{'queue':>8}{'conns':>12}{'conn_new':>12}{'packets':>12}{'drops':>12}"
+                     f"{'fnat_reply_no_conn':>20}")
+        for w in dp["per_worker"]:
+            lines.append(f"{'':10}{w['queue']:>6}{w['conns']:>12}{w['conn_new']:>12}{w['packets']:>12}"
+                         f"{w['drops']:>12}{w['fnat_reply_no_conn']:>20}")
     for q, qs in dp.get("queues", {}).items():
         lines.append(f"  Queue {q}: waiting {qs.get('queue_total', 0)}, dropped by the kernel "
                      f"{qs.get('queue_dropped', 0)}, lost to the socket {qs.get('user_dropped', 0)}")

@@ -77,7 +77,7 @@ class Daemon:
     def __init__(self, config_path, socket_path=api.DEFAULT_SOCKET, backend="netlink", queues=1,
                  queue_base=0, instance="default", max_conns=1 << 20, allow_gid=None,
                  metrics_addr=None, lport_range=(T.LPORT_LO, T.LPORT_HI),
-                 expire_nodest_conn=False, synproxy_overrides=None):
+                 expire_nodest_conn=False, synproxy_overrides=None, fnat_timestamp="strip"):
         self.config_path = config_path
         self.sp_overrides = dict(synproxy_overrides or {})   # lvs-dp run --synproxy: field -> int
         self.sp_settings = None                             # the SynproxySettings in force
@@ -91,7 +91,8 @@ class Daemon:
         lo, hi = lport_range
         self.workers = [T.new_worker(max_conns, worker=w, n_workers=n, port_lo=lo, port_hi=hi)
                         for w in range(n)]
-        self.tw = TableWriter(self.cfg, on_new_laddr=self._init_laddr)
+        self.tw = TableWriter(self.cfg, on_new_laddr=self._init_laddr,
+                              fnat_timestamp=fnat_timestamp)
         self.queues = []
         self.threads = []
         self.stop_event = threading.Event()
@@ -183,15 +184,24 @@ class Daemon:
 
     def _matches(self, specs):
         out = []
+        # FULLNAT client packets are steered by the client's port (without its low bit: Linux
+        # clients connect from even ports, rules.py), so one client's connections
+        # spread over the workers (any worker may take a connection: it binds a local port it
+        # owns, and the replies follow that port). One VIP is steered one way for all its
+        # services (its ICMP errors are steered by the quoted packet), so a VIP that also has
+        # NAT services keeps the client address. Later fragments carry no port: rules.py
+        # steers them by address, and those of a FULLNAT VIP may miss (DROP_FRAGMENT).
+        nat_vips = {s.addr for s in specs if s.fwd != C.FWD_FULLNAT}
         for s in specs:
             proto = "tcp" if s.proto == C.IPPROTO_TCP else "udp"
             if s.fwd == C.FWD_FULLNAT:
                 # Replies come back to laddr:lport: steer them by the local port, which the
                 # worker that made the connection owns.
+                steer = None if s.addr in nat_vips else "sport_hi"
                 if s.fwmark:
-                    out.append(R.Match("in", proto, None, 0, fwmark=s.fwmark))
+                    out.append(R.Match("in", proto, None, 0, fwmark=s.fwmark, steer=steer))
                 else:
-                    out.append(R.Match("in", proto, s.addr, s.port))
+                    out.append(R.Match("in", proto, s.addr, s.port, steer=steer))
                 for d in s.dests + ([s.sorry] if s.sorry else []):
                     out.append(R.Match("out", proto, d.addr, d.port, steer="dport"))
                 continue
@@ -352,7 +362,20 @@ class Daemon:
         return {"drops": drops, "counters": counters, "queues": qstats,
                 "conns": int(sum(wk.ctl[T.CTL_N_CONNS] for wk in self.workers)),
                 "templates": int(sum(wk.ctl[T.CTL_N_TEMPLATES] for wk in self.workers)),
-                "backend": self.backend, "workers": len(self.workers)}
+                "backend": self.backend, "workers": len(self.workers),
+                "fnat_timestamp": self.tw.fnat_timestamp,
+                "per_worker": [self._worker_stats(q, wk) for q, wk in zip(self.queue_nums, self.workers)]}
+
+    @staticmethod
+    def _worker_stats(queue, wk):
+        """One worker's share: with several queues each should carry connections, and a reply
+        that reached a worker not owning its local port shows as fnat_reply_no_conn."""
+        st = wk.stats
+        return {"queue": queue, "conns": int(wk.ctl[T.CTL_N_CONNS]),
+                "conn_new": int(st[C.STAT_CONN_NEW]), "packets": int(st[C.STAT_PKTS]),
+                "rewritten": int(st[C.STAT_REWRITTEN]),
+                "drops": int(sum(int(st[i]) for i in C.DROP_NAMES)),
+                "fnat_reply_no_conn": int(st[C.STAT_FNAT_REPLY_NO_CONN])}
 
     def _conns(self, limit=1_000_000):
         now = time.monotonic_ns()
@@ -662,7 +685,7 @@ def resolve_group(group):
 
 def run(config_path, socket_path, backend, queues, queue_base, instance, max_conns,
         metrics=None, socket_group=None, lport_range=(T.LPORT_LO, T.LPORT_HI),
-        expire_nodest_conn=False, synproxy=None):
+        expire_nodest_conn=False, synproxy=None, fnat_timestamp="strip"):
     try:
         gid = resolve_group(socket_group)
     except ValueError as e:
@@ -670,7 +693,8 @@ def run(config_path, socket_path, backend, queues, queue_base, instance, max_con
         return 2
     d = Daemon(config_path, socket_path, backend, queues, queue_base, instance, max_conns,
                allow_gid=gid, metrics_addr=metrics, lport_range=lport_range,
-               expire_nodest_conn=expire_nodest_conn, synproxy_overrides=synproxy)
+               expire_nodest_conn=expire_nodest_conn, synproxy_overrides=synproxy,
+               fnat_timestamp=fnat_timestamp)
     d.install_signals()
     try:
         d.start()

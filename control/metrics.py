@@ -24,6 +24,8 @@ Names, labels and where each value comes from::
     lvsdp_dataplane_drops_total{reason}                  every DROP_* reason (dataplane/consts.py)
     lvsdp_dataplane_events_total{counter}                the engine's other counters
     lvsdp_dataplane_connections, lvsdp_dataplane_templates
+    lvsdp_worker_connections{queue}, lvsdp_worker_conn_new_total{queue},
+    lvsdp_worker_fnat_reply_no_conn_total{queue}         one worker's share (--queues N)
     lvsdp_queue_waiting{queue}                           packets waiting in the kernel queue
     lvsdp_queue_dropped_total{queue,by}                  by="kernel" (queue full) | "socket"
     lvsdp_queue_counter_total{queue,counter}             the backend's own counters
@@ -143,6 +145,14 @@ def render(snap: dict, health: list | None = None) -> str:
     f.add("lvsdp_dataplane_connections", "gauge", "entries in the connection tables", {},
           dp.get("conns", 0))
     f.add("lvsdp_dataplane_templates", "gauge", "persistence templates", {}, dp.get("templates", 0))
+    for w in dp.get("per_worker", ()):
+        lab = {"queue": str(w["queue"])}
+        f.add("lvsdp_worker_connections", "gauge", "connections held by one worker", lab, w["conns"])
+        f.add("lvsdp_worker_conn_new_total", "counter", "connections one worker created", lab,
+              w["conn_new"])
+        f.add("lvsdp_worker_fnat_reply_no_conn_total", "counter",
+              "replies to a local address that found no connection in this worker", lab,
+              w["fnat_reply_no_conn"])
     for q, qs in dp.get("queues", {}).items():
         lab = {"queue": q}
         f.add("lvsdp_queue_waiting", "gauge", "packets waiting in the kernel queue", lab,

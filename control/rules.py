@@ -56,7 +56,9 @@ the source of ``in`` packets (``steer='saddr'``) and the destination of ``out`` 
 ``steer_index(k, n) = (k & (2**ceil(log2 n) - 1)) % n`` (uneven when n is not a power of two).
 FULLNAT replies are addressed to a local address, not to the client, so their ``out`` matches use
 ``steer='dport'`` and the data plane picks local ports with ``steer_index(lport) ==
-steer_index(client address)``. ICMP errors are steered by the same key read from the quoted
+steer_index(client address)`` (today: ports the worker owns; client packets of a FULLNAT-only VIP
+are steered by ``steer='sport_hi'``, the client port >> 1, so one client uses every worker).
+ICMP errors are steered by the same key read from the quoted
 packet, mirrored (the quoted packet travelled the other way): source address <-> destination
 address, source port <-> destination port.
 
@@ -95,10 +97,14 @@ _INSTANCE_RE = re.compile(r"[A-Za-z0-9_-]{1,18}")   # LVSDP-PRE- + 18 = 28, ipta
 
 DIRECTIONS = ("in", "out")
 PROTOS = ("tcp", "udp")
-STEER_KEYS = ("saddr", "daddr", "sport", "dport")
+# "sport_hi"/"dport_hi": the port without its lowest bit (port >> 1). Linux's connect() picks
+# even ephemeral ports first (odd ones are left to bind(), since 4.2), so the low bit of a client
+# port says nothing; FULLNAT client packets are steered by sport_hi.
+STEER_KEYS = ("saddr", "daddr", "sport", "dport", "sport_hi", "dport_hi")
 DEFAULT_STEER = {"in": "saddr", "out": "daddr"}
 # The quoted packet in an ICMP error travelled the other way: its fields are mirrored.
-MIRROR = {"saddr": "daddr", "daddr": "saddr", "sport": "dport", "dport": "sport"}
+MIRROR = {"saddr": "daddr", "daddr": "saddr", "sport": "dport", "dport": "sport",
+          "sport_hi": "dport_hi", "dport_hi": "sport_hi"}
 
 # u32 locations (xt_u32 syntax). "0>>22&0x3C@" moves to the transport header (IHL*4); inside an
 # ICMP error the quoted IPv4 header starts 8 bytes further, its transport header after another
@@ -108,11 +114,15 @@ U32_LOC = {
     "daddr": "16",
     "sport": "0>>22&0x3C@0>>16",
     "dport": "0>>22&0x3C@0&0xFFFF",
+    "sport_hi": "0>>22&0x3C@0>>17",
+    "dport_hi": "0>>22&0x3C@0&0xFFFF>>1",
     "icmp.type": "0>>22&0x3C@0>>24",
     "quoted.saddr": "0>>22&0x3C@20",
     "quoted.daddr": "0>>22&0x3C@24",
     "quoted.sport": "0>>22&0x3C@8>>22&0x3C@8>>16",
     "quoted.dport": "0>>22&0x3C@8>>22&0x3C@8&0xFFFF",
+    "quoted.sport_hi": "0>>22&0x3C@8>>22&0x3C@8>>17",
+    "quoted.dport_hi": "0>>22&0x3C@8>>22&0x3C@8&0xFFFF>>1",
 }
 U32_ICMP_ERROR = f"{U32_LOC['icmp.type']}=0x3:0x4,0xb:0xc"   # ICMP_ERROR_TYPES as ranges
 

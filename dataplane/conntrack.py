@@ -176,6 +176,8 @@ def conn_new(wk, cfg, svc_id, dest_id, proto, caddr, cport, vaddr, vport, now_ns
     c['seq_delta_in'] = 0
     c['seq_delta_out'] = 0
     c['aux'] = 0
+    c['ts_delta'] = 0
+    c['ts_off'] = 0
     if proto == C.IPPROTO_TCP:
         c['state'] = C.IP_VS_TCP_S_NONE
     elif proto == C.IPPROTO_UDP:

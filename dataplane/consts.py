@@ -85,6 +85,8 @@ STAT_SYNPROXY_CONN_REUSED = 37  # SYN-proxy: a cookie-valid ACK or a SYN freed a
 #                                 synproxy_conn_reuse_* state and started a new connection
 STAT_SYNPROXY_NO_WAIT_SLOT = 38     # SYN-proxy: no wait slot free (no held segments, no timed
 #                                     SYN retries for that connection; Worker.sp_wait_cid)
+STAT_FNAT_REPLY_NO_CONN = 39    # FULLNAT: a packet to a local address matched no connection (late
+                                # after expiry, or steered to a worker that does not own its port)
 N_STATS = 64
 
 STAT_NAMES = {
@@ -110,6 +112,7 @@ STAT_NAMES = {
     STAT_SYNPROXY_ACK_DATA: "synproxy_ack_with_data",
     STAT_SYNPROXY_CONN_REUSED: "synproxy_conn_reused",
     STAT_SYNPROXY_NO_WAIT_SLOT: "synproxy_no_wait_slot",
+    STAT_FNAT_REPLY_NO_CONN: "fnat_reply_no_conn",
 }
 
 # --- protocols ------------------------------------------------------------------------------------
@@ -151,6 +154,8 @@ SVC_F_PROXY_V2 = 0x10       # FULLNAT: PROXY protocol v2 header
 SVC_F_SH_PORT = 0x20        # sh/mh: hash source port too (ipvsadm sh-port / mh-port)
 SVC_F_ONEPACKET = 0x40      # UDP one-packet scheduling (ipvsadm -o)
 SVC_F_SORRY = 0x80          # the sorry server is in use (set by control when no real server is alive)
+SVC_F_FNAT_TS_XLATE = 0x100 # FULLNAT: translate TCP timestamps instead of stripping them from the
+                            # SYN (lvs-dp run --fnat-timestamp translate; dataplane/fullnat.py)
 
 # --- real-server (destination) flags (Dest.flags) --------------------------------------------------
 DEST_F_AVAILABLE = 0x1      # schedulable: control clears it when a health check fails
@@ -165,6 +170,7 @@ IP_VS_CONN_F_TEMPLATE = 0x1000
 CONN_F_FULLNAT = 0x0008
 CONN_F_SYNPROXY = 0x0010
 CONN_F_ISN_SET = 0x0020    # FULLNAT: the RS-side ISN and seq deltas are fixed (first SYN seen)
+CONN_F_TS_XLATE = 0x0040   # FULLNAT: timestamps translated (Conn.ts_off), decided at the first SYN
 CONN_F_PP_ACKED = 0x4000   # FULLNAT: the real server acknowledged the PROXY protocol header
 CONN_F_IN_USE = 0x8000
 

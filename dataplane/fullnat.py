@@ -34,6 +34,9 @@ TCP options (handshake packets)::
     tcp_get_mss(buf, l4, doff) -> mss | -1                                   inline
     tcp_set_mss(buf, o, l4, doff, new_mss) -> mss now in the packet | -1 (no MSS option)
     ts_strip(buf, o, l4, doff) -> 1 stripped | 0 no timestamp option
+    ts_value(buf, l4, doff) -> TS value | -1                                 inline
+    ts_clock(laddr, now_ns) -> the local address's TS clock (ms), mod 2**32  inline
+    ts_adjust(buf, l4, doff, val_add, ecr_sub) -> 1 | 0 (no option)          inline, every packet
     toa_insert(buf, o, l4, length, cap, client_addr, client_port)
         -> new length | TOA_NO_ROOM (-1: no 8 bytes left of the 40 of options)
                       | TOA_NO_CAP (-2: buffer capacity or 64 KiB)          packet untouched
@@ -109,6 +112,9 @@ Composition (what the lead writes in pipeline.py)
 Client -> RS (conn direction in), in this order::
 
     SYN (no ACK):   ts_strip                                   (fullnat_timestamp_remove_entry)
+                    or, translating (SVC_F_FNAT_TS_XLATE, first SYN): Conn.ts_off =
+                    ts_clock(laddr, now) - TS value, CONN_F_TS_XLATE
+    translating:    ts_adjust(buf, l4, doff, ts_off, ts_delta)  (ts_delta: SYN-proxy, else 0)
                     new ISN for the laddr:lport->RS tuple; seq_delta_in = new_isn - client_isn
                     Conn.aux = client_isn;  with PROXY: seq_delta_in += pp_len (see below)
     TOA service:    if toa_wanted(...): toa_insert  (< 0: count STAT_TOA_NO_ROOM, forward as is)
@@ -121,6 +127,7 @@ Client -> RS (conn direction in), in this order::
 
 RS -> client (direction out)::
 
+    translating:    ts_adjust(buf, l4, doff, ts_delta, ts_off)   the client gets its own echoes
     SYN-ACK:        tcp_set_mss(mss - 8) with TOA   (fullnat_mss_adjust_entry: room for TOA)
     all:            dack, acked = pp_out_ack(ack, Conn.aux, seq_delta_in)   (if ACK set;
                     without PROXY pp_out_ack just returns seq_delta_in once past the SYN-ACK)
@@ -135,6 +142,13 @@ compare two clients' clocks (Alibaba's tcp_opt_remove_timestamp; DPVS tcp_in_rem
 without the option disables timestamps for the whole connection (RFC 7323), so later segments
 need no stripping. The new ISN (tcp_in_init_seq in both) keeps a reused laddr:lport->RS tuple's
 sequence numbers moving forward, so an RS still in TIME_WAIT for it accepts the new SYN.
+
+Or timestamps are translated (``lvs-dp run --fnat-timestamp translate``): every local address
+has one clock, `ts_clock` (ms of the engine's monotonic now_ns plus a base fixed by the address),
+and each connection's client values are shifted onto it at its first SYN (Conn.ts_off), echoes
+shifted back. Values from one laddr then never go back, across clients, workers and ports, which
+is what the RS's PAWS checks compare; the RS keeps timestamps (RTT, PAWS, SACK/wscale in its
+syncookies). kernel-notes/fullnat-synproxy.md ("strip or translate") has the reasoning.
 
 TOA
 ---
@@ -233,6 +247,12 @@ LPORT_MIN = 5000            # the patch's fullnat_lport_min / _max defaults
 LPORT_MAX = 65535
 
 M32 = 0xFFFFFFFF
+
+# --- timestamp translation ------------------------------------------------------------------------
+TS_TICK_NS = 1_000_000      # a local address's TS clock ticks once a millisecond (RFC 7323 §5.4:
+                            # 1 ms..1 s per tick; no client clock runs faster)
+_TS_BASE_M = np.uint64(0x9E3779B97F4A7C15)
+_NOP_NOP_TS = (TCPOPT_NOP << 24) | (TCPOPT_NOP << 16) | (TCPOPT_TIMESTAMP << 8) | TCPOLEN_TIMESTAMP
 
 
 # ================================================================================================
@@ -451,6 +471,49 @@ def ts_strip(buf, o, l4, doff):
     for i in range(TCPOLEN_TIMESTAMP):
         buf[at + i] = TCPOPT_NOP
     wr16(buf, l4 + P.TCP_CHECK, csum_replace2(ck, before, _seg_sum(buf, l4, at, TCPOLEN_TIMESTAMP)))
+    return np.int64(1)
+
+
+@njit(**INLINE)
+def ts_clock(laddr, now_ns):
+    """The TCP timestamp clock of local address `laddr` at now_ns: milliseconds of now_ns plus a
+    base fixed by the address (a multiplicative hash), mod 2**32. Every worker computes the same
+    value, and it survives a restart of lvs-dp (now_ns is CLOCK_MONOTONIC), so the SYNs one
+    local address sends carry non-decreasing TS values whichever worker or port sends them."""
+    base = (np.uint64(laddr) * _TS_BASE_M) >> np.uint64(32)
+    return (np.int64(now_ns) // TS_TICK_NS + np.int64(base)) & M32
+
+
+@njit(**INLINE)
+def ts_value(buf, l4, doff):
+    """The TS value of the segment's timestamp option (kind 8, length 10), or -1."""
+    at = tcp_find_option(buf, l4, doff, TCPOPT_TIMESTAMP)
+    if at < 0 or buf[at + 1] != TCPOLEN_TIMESTAMP:
+        return np.int64(-1)
+    return rd32(buf, at + 2)
+
+
+@njit(**INLINE)
+def ts_adjust(buf, l4, doff, val_add, ecr_sub):
+    """TS value += val_add and TS echo -= ecr_sub (mod 2**32) in the segment's timestamp option,
+    at any alignment, checksum updated; returns 1, or 0 when there is no such option. NOP NOP TS
+    alone (the usual data-segment layout) is found without an option walk. The FULLNAT
+    translation: client -> RS (ts_off, ts_delta), RS -> client (ts_delta, ts_off)."""
+    if doff <= 20:
+        return np.int64(0)
+    if doff == 32 and rd32(buf, l4 + 20) == _NOP_NOP_TS:
+        at = l4 + 22
+    else:
+        at = tcp_find_option(buf, l4, doff, TCPOPT_TIMESTAMP)
+        if at < 0 or buf[at + 1] != TCPOLEN_TIMESTAMP:
+            return np.int64(0)
+    if ((np.int64(val_add) | np.int64(ecr_sub)) & M32) == 0:
+        return np.int64(1)
+    ck = rd16(buf, l4 + P.TCP_CHECK)
+    before = _seg_sum(buf, l4, at + 2, 8)
+    wr32(buf, at + 2, (rd32(buf, at + 2) + np.int64(val_add)) & M32)
+    wr32(buf, at + 6, (rd32(buf, at + 6) - np.int64(ecr_sub)) & M32)
+    wr16(buf, l4 + P.TCP_CHECK, csum_replace2(ck, before, _seg_sum(buf, l4, at + 2, 8)))
     return np.int64(1)
 
 

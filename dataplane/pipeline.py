@@ -133,6 +133,17 @@ def pick_dest(cfg, wk, svc_id, proto, caddr, cport, vaddr, vport, now_ns):
     return np.int64(0), template
 
 
+@njit(**JIT)
+def is_laddr(cfg, addr):
+    """Whether addr is one of the FULLNAT local addresses (a linear scan: for packets that
+    matched neither a connection nor a service)."""
+    la = cfg.laddr
+    for i in range(1, len(la)):
+        if la[i] == addr and addr != 0:
+            return True
+    return False
+
+
 SP_MISS = -16   # new_conn: r <= SP_MISS means "TCP to SYN-proxy service SP_MISS - r, no connection"
 
 
@@ -145,6 +156,8 @@ def new_conn(cfg, wk, proto, saddr, sport, daddr, dport, tflags, mark, now_ns):
     res = np.int64(-1 - C.VERDICT_ACCEPT)
     if svc_id == 0:
         wk.stats[C.STAT_NOT_OURS] += 1
+        if is_laddr(cfg, daddr):
+            wk.stats[C.STAT_FNAT_REPLY_NO_CONN] += 1
     elif proto == C.IPPROTO_TCP and (cfg.svc[svc_id]['flags'] & C.SVC_F_SYNPROXY) != 0:
         res = SP_MISS - svc_id
     elif proto == C.IPPROTO_TCP and (tflags & (C.TH_SYN | C.TH_ACK | C.TH_RST)) != C.TH_SYN:
@@ -313,7 +326,7 @@ def fnat_pp_len(wk, c, sflags):
 @njit(**JIT)
 def fnat_packet(cfg, wk, buf, o, plen, cap, l4, direction, cid, proto, tflags, now_ns):
     """FULLNAT: rewrite both addresses and ports, and for TCP translate sequence numbers, strip
-    timestamps from the SYN, insert TOA and the PROXY protocol header (dataplane/fullnat.py has
+    timestamps from the SYN or translate them (SVC_F_FNAT_TS_XLATE), insert TOA and the PROXY protocol header (dataplane/fullnat.py has
     the scheme). Returns the packet's new length, or -1 to drop it (counted)."""
     c = wk.conn[cid]
     if c['state'] == C.IP_VS_TCP_S_TIME_WAIT and proto == C.IPPROTO_TCP:
@@ -339,7 +352,6 @@ def fnat_packet(cfg, wk, buf, o, plen, cap, l4, direction, cid, proto, tflags, n
     ack = rd32(buf, l4 + P.TCP_ACK)
     if direction == C.DIR_IN:
         if (tflags & C.TH_SYN) != 0 and (tflags & C.TH_ACK) == 0:
-            FN.ts_strip(buf, o, l4, doff)
             if (c['flags'] & C.CONN_F_ISN_SET) == 0:
                 isn = fnat_isn(np.int64(c['laddr']), np.int64(c['lport']), np.int64(c['daddr']),
                                np.int64(c['dport']), now_ns)
@@ -348,6 +360,15 @@ def fnat_packet(cfg, wk, buf, o, plen, cap, l4, direction, cid, proto, tflags, n
                 c['pp_len'] = pp_len
                 c['seq_delta_in'] = (isn - seq + pp_len) & FN.M32
                 c['flags'] |= C.CONN_F_ISN_SET
+                tsval = FN.ts_value(buf, l4, doff) if sflags & C.SVC_F_FNAT_TS_XLATE else -1
+                if tsval >= 0:
+                    # The RS sees the local address's clock from this SYN on (fullnat.py).
+                    c['ts_off'] = (FN.ts_clock(np.int64(c['laddr']), now_ns) - tsval) & FN.M32
+                    c['flags'] |= C.CONN_F_TS_XLATE
+            if (c['flags'] & C.CONN_F_TS_XLATE) == 0:
+                FN.ts_strip(buf, o, l4, doff)
+        if c['flags'] & C.CONN_F_TS_XLATE:
+            FN.ts_adjust(buf, l4, doff, np.int64(c['ts_off']), np.int64(c['ts_delta']))
         client_isn = np.int64(c['aux'])
         if (sflags & C.SVC_F_TOA) != 0 and FN.toa_wanted(tflags, seq, client_isn):
             r = FN.toa_insert(buf, o, l4, length, cap, np.int64(c['caddr']), np.int64(c['cport']))
@@ -390,6 +411,8 @@ def fnat_packet(cfg, wk, buf, o, plen, cap, l4, direction, cid, proto, tflags, n
                 mss = FN.tcp_get_mss(buf, l4, doff)
                 if mss > reduce:
                     FN.tcp_set_mss(buf, o, l4, doff, mss - reduce)
+        if c['flags'] & C.CONN_F_TS_XLATE:
+            FN.ts_adjust(buf, l4, doff, np.int64(c['ts_delta']), np.int64(c['ts_off']))
         dack = np.int64(0)
         din = np.int64(c['seq_delta_in'])
         if tflags & C.TH_ACK:
@@ -411,7 +434,9 @@ def fnat_packet(cfg, wk, buf, o, plen, cap, l4, direction, cid, proto, tflags, n
 # * FULLNAT + SYN-proxy: the SYN to the RS comes from laddr:lport with FULLNAT's own ISN
 #   (fnat_isn; seq_delta_in = that - client ISN, as without SYN-proxy), and carries no TS option
 #   (FULLNAT strips timestamps towards the RS: PAWS per laddr:lport); ts_delta is then 0 and the
-#   client's TS options reach the RS, which ignores them. TOA rides in our ACK to the RS (and in
+#   client's TS options reach the RS, which ignores them. With --fnat-timestamp translate
+#   (CONN_F_TS_XLATE) it carries the client's TS value on the local address's clock (+ ts_off);
+#   fnat_packet then shifts values and echoes by ts_off and ts_delta both ways. TOA rides in our ACK to the RS (and in
 #   the client's first segment, as fnat_packet does for seq == client ISN + 1). The PROXY header
 #   goes in the client's first data segment (our handshake ACK carries no payload).
 # * NAT + SYN-proxy: the SYN carries the client's ISN and TS value, so only the RS's side moves
@@ -542,6 +567,8 @@ def sp_syn_to_rs(cfg, wk, cid, tx):
         sport = np.int64(c['lport'])
         isn = (client_isn + np.int64(c['seq_delta_in'])) & SP.M32
         ts_val = np.int64(-1)
+        if c['flags'] & C.CONN_F_TS_XLATE:      # the client's TS value on the laddr's clock
+            ts_val = (np.int64(c['sp_last_seq']) + np.int64(c['ts_off'])) & SP.M32
     else:
         saddr = np.int64(c['caddr'])
         sport = np.int64(c['cport'])
@@ -619,6 +646,9 @@ def synproxy_miss(cfg, wk, buf, o, plen, cap, svc_id, tflags, now_ns, tx):
         # The SYN carries isn; the client's stream (client_isn + 1 ...) starts at isn + 1 + pp_len.
         c['seq_delta_in'] = (isn - client_isn) & SP.M32
         c['flags'] |= C.CONN_F_ISN_SET
+        if ts_ok and (sflags & C.SVC_F_FNAT_TS_XLATE) != 0:
+            c['ts_off'] = (FN.ts_clock(np.int64(c['laddr']), now_ns) - tsval) & SP.M32
+            c['flags'] |= C.CONN_F_TS_XLATE
     sp_syn_to_rs(cfg, wk, cid, tx)
     if c['flags'] & C.CONN_F_FULLNAT and c['pp_len'] > 0:
         c['seq_delta_in'] = (np.int64(c['seq_delta_in']) + np.int64(c['pp_len'])) & SP.M32

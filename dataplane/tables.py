@@ -100,6 +100,9 @@ CONN_DTYPE = np.dtype([
     ("win_shift_in", np.int8),      # client -> RS (the client's shift when the RS declined)
     ("_pad4", np.uint8),
     ("sp_syn_ns", np.int64),        # SYN_SENT: when the last SYN went to the RS (retries)
+    # FULLNAT timestamp translation (CONN_F_TS_XLATE): client -> RS TS value += ts_off, RS ->
+    # client TS echo -= ts_off; chosen at the SYN so the RS sees its local address's clock.
+    ("ts_off", np.uint32),
 ])
 
 # Columns of the [n, 5] counter arrays of services and real servers, ipvsadm's --stats order.

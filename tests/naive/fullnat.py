@@ -246,3 +246,32 @@ def pp_out_ack(ack, client_isn, seq_delta_in):
     if seq_diff(ack, (start + seq_delta_in) & M32) >= 0:
         return seq_delta_in & M32, True
     return (ack - start) & M32, False
+
+
+# --- timestamp translation ---
+TS_TICK_NS = 1_000_000
+
+
+def ts_clock(laddr: int, now_ns: int) -> int:
+    """A local address's TS clock: milliseconds plus a base fixed by the address."""
+    base = ((laddr * 0x9E3779B97F4A7C15) % (1 << 64)) >> 32
+    return (now_ns // TS_TICK_NS + base) & M32
+
+
+def ts_value(pkt: bytes) -> int:
+    at = find_option(pkt, 8)
+    if at < 0 or pkt[at + 1] != 10:
+        return -1
+    return struct.unpack("!I", pkt[at + 2:at + 6])[0]
+
+
+def ts_adjust(pkt: bytes, val_add: int, ecr_sub: int):
+    """(packet, 1) with TS value += val_add and TS echo -= ecr_sub, or (packet, 0) without a
+    timestamp option."""
+    at = find_option(pkt, 8)
+    if at < 0 or pkt[at + 1] != 10:
+        return pkt, 0
+    b = bytearray(pkt)
+    val, ecr = struct.unpack("!II", pkt[at + 2:at + 10])
+    b[at + 2:at + 10] = struct.pack("!II", (val + val_add) & M32, (ecr - ecr_sub) & M32)
+    return _fix(b), 1
