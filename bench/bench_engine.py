@@ -179,7 +179,7 @@ def test_established(benchmark, est_tables, case):
         ex.update({
             "conn_entry_bytes": T.CONN_DTYPE.itemsize,
             "index_bytes_per_slot": round(tb["index"] / TABLE_SLOTS, 1),
-            "index_bytes_per_live_conn": 2 * (8 + 8 + 4),     # two entries: in and out keys
+            "index_bytes_per_live_conn": 2 * wk.idx.itemsize * wk.idx.shape[1],     # two entries: in and out keys
             "free_stack_bytes_per_slot": round(tb["free"] / TABLE_SLOTS, 1),
             "table_bytes_per_slot": round(tb["total"] / TABLE_SLOTS, 1),
             "table_mib": round(tb["total"] / 2 ** 20, 1),

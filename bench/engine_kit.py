@@ -249,6 +249,6 @@ def rss_bytes():
 def table_bytes(wk):
     """Bytes allocated by a worker's connection-related arrays, and their split."""
     conn = wk.conn.nbytes
-    idx = wk.idx_k0.nbytes + wk.idx_k1.nbytes + wk.idx_val.nbytes
+    idx = wk.idx.nbytes
     free = wk.free.nbytes
     return {"conn": conn, "index": idx, "free": free, "total": conn + idx + free}

@@ -375,7 +375,7 @@ def render(data, kinds, plots_dir, md_path):
         L.append("")
         L.append(_table(("", "bytes"), [
             ("connection entry (`tables.CONN_DTYPE.itemsize`)", big["conn_entry_bytes"]),
-            ("index per slot (4 index entries of 20 B per slot, load <= 1/2)", big["index_bytes_per_slot"]),
+            ("index per slot (4 index entries of 16 B per slot, load <= 1/2)", big["index_bytes_per_slot"]),
             ("index actually used per live connection (in + out key)", big["index_bytes_per_live_conn"]),
             ("free-id stack per slot", big["free_stack_bytes_per_slot"]),
             ("**allocated per connection slot**", big["table_bytes_per_slot"]),

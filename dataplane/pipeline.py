@@ -26,7 +26,7 @@ from dataplane import parse as P
 from dataplane import synproxy as SP
 from dataplane import tables as T
 from dataplane.csum import JIT, csum_replace2, csum_replace4, rd16, rd32, wr16, wr32
-from dataplane.prefetch import prefetch
+from dataplane.prefetch import prefetch, prefetch_row
 from dataplane.sched import schedule
 
 SWEEP_PER_PACKET = 2
@@ -731,16 +731,14 @@ def process_batch(cfg, wk, buf, off, length, cap, mark, verdict, n, now_ns, tx):
     p = np.zeros(P.N_P, np.int64)
     q = np.zeros(P.N_P, np.int64)
     conn = wk.conn
-    idx_k0 = wk.idx_k0
-    idx_k1 = wk.idx_k1
-    idx_val = wk.idx_val
+    idx = wk.idx
     stats = wk.stats
     active = wk.active
     inactive = wk.inactive
     svc_cnt = wk.svc_cnt
     dest_cnt = wk.dest_cnt
     timeouts = cfg.timeouts_ns
-    mask = len(idx_val) - 1
+    mask = len(idx) - 1
     # Pass 1: start loading every packet's index slot, so the cache misses of a large table
     # overlap (a guess from fixed offsets: a packet that is not plain TCP/UDP wastes one).
     for i in range(n):
@@ -752,9 +750,27 @@ def process_batch(cfg, wk, buf, off, length, cap, mark, verdict, n, now_ns, tx):
                                      rd16(buf, o + ihl), rd16(buf, o + ihl + 2),
                                      np.int64(buf[o + P.IP_PROTOCOL]))
                 j = CT._slot(k0, k1, mask)
-                prefetch(idx_val, j)
-                prefetch(idx_k0, j)
-                prefetch(idx_k1, j)
+                prefetch(idx, j)
+    # Pass 2: find each packet's connection (its slot is in flight from pass 1) and start
+    # loading its row, which pass 3 reads. The lookup is repeated there: a packet earlier in
+    # the batch may create or free connections, so nothing found here is trusted later.
+    for i in range(n):
+        o = off[i]
+        if length[i] >= 28:
+            ihl = (np.int64(buf[o]) & 0xF) * 4
+            if np.int64(length[i]) >= ihl + 4:
+                k0, k1 = CT.make_key(rd32(buf, o + P.IP_SADDR), rd32(buf, o + P.IP_DADDR),
+                                     rd16(buf, o + ihl), rd16(buf, o + ihl + 2),
+                                     np.int64(buf[o + P.IP_PROTOCOL]))
+                j = CT._slot(k0, k1, mask)
+                while True:
+                    w1 = idx[j, 1]
+                    if w1 == 0:
+                        break
+                    if idx[j, 0] == k0 and (w1 & T.IDX_KEY_MASK) == k1:
+                        prefetch_row(conn, CT.idx_val_of(w1) >> 1)
+                        break
+                    j = (j + 1) & mask
     for i in range(n):
         stats[C.STAT_PKTS] += 1
         o = off[i]
@@ -798,11 +814,11 @@ def process_batch(cfg, wk, buf, off, length, cap, mark, verdict, n, now_ns, tx):
         j = CT._slot(k0, k1, mask)
         val = np.int64(0)
         while True:
-            v = idx_val[j]
-            if v == 0:
+            w1 = idx[j, 1]
+            if w1 == 0:
                 break
-            if idx_k0[j] == k0 and idx_k1[j] == k1:
-                val = np.int64(v)
+            if idx[j, 0] == k0 and (w1 & T.IDX_KEY_MASK) == k1:
+                val = CT.idx_val_of(w1)
                 break
             j = (j + 1) & mask
         if val != 0:
