@@ -25,6 +25,7 @@ from dataplane import nat as N
 from dataplane import parse as P
 from dataplane import synproxy as SP
 from dataplane import tables as T
+from dataplane.borrow import borrow
 from dataplane.csum import JIT, csum_replace2, csum_replace4, rd16, rd32, wr16, wr32
 from dataplane.prefetch import prefetch, prefetch_row
 from dataplane.sched import schedule
@@ -726,8 +727,13 @@ def process_batch(cfg, wk, buf, off, length, cap, mark, verdict, n, now_ns, tx):
     The established-connection path is written out here, in one function body, on purpose:
     every numba call that passes arrays and branches inside costs NRT reference counting that
     LLVM cannot prune (about 150 ns per call on the reference machine, more than the whole
-    packet). Everything rarer (new connections, ICMP, fragments, bad packets) calls out.
+    packet). Everything rarer (new connections, ICMP, fragments, bad packets) calls out, with
+    the tables borrowed (dataplane/borrow.py): otherwise each call that takes the Worker pays
+    an atomic increment and decrement per array in it, about a microsecond.
     """
+    cfg = borrow(cfg)
+    wk = borrow(wk)
+    tx = borrow(tx)
     p = np.zeros(P.N_P, np.int64)
     q = np.zeros(P.N_P, np.int64)
     conn = wk.conn
