@@ -63,8 +63,20 @@ def summary(cfg: Config, path: str, n_warnings: int = 0) -> str:
     for name, addrs in cfg.local_address_groups.items():
         out.append(f"local_address_group {name}: {_count(len(addrs), 'address', 'addresses')} "
                    f"({_ranges(addrs)})")
+    if cfg.synproxy:
+        out.append(synproxy_line(cfg))
     out.extend(f"parsed, not acted on by lvs-dp: {what}" for what in not_acted_on(cfg))
     return "\n".join(out)
+
+
+def synproxy_line(cfg: Config) -> str:
+    """The settings the ``synproxy { }`` block changes (the rest keep the patch's defaults), and
+    a reminder when no service uses them."""
+    from control.synproxy_settings import BOOL_FIELDS
+    vals = ", ".join(f"{k} {('on' if v else 'off') if k in BOOL_FIELDS else v}"
+                     for k, v in cfg.synproxy.items())
+    unused = "" if any(vs.syn_proxy for vs in cfg.services) else " (no virtual_server has syn_proxy)"
+    return f"synproxy: {vals}{unused}"
 
 
 def _service_lines(cfg: Config, vs: VirtualServer) -> list[str]:

@@ -41,6 +41,11 @@ def main(argv=None):
                         "(IPVS's expire_nodest_conn): their next packet gets a RST from the "
                         "balancer and the client reconnects to a live one; default: they "
                         "continue, as with IPVS")
+    r.add_argument("--synproxy", action="append", default=[], metavar="NAME=VALUE",
+                   help="a SYN-proxy setting, by the patched kernel's sysctl name "
+                        "(net.ipv4.vs.synproxy_init_mss=1452, or synproxy_init_mss=1452, or "
+                        "init_mss=1452); repeatable; overrides the config's synproxy { } block, "
+                        "also across reloads")
     r.add_argument("-v", "--verbose", action="store_true")
     r.add_argument("--metrics", metavar="ADDR:PORT",
                    help="serve Prometheus metrics on http://ADDR:PORT/metrics (off by default)")
@@ -70,10 +75,11 @@ def main(argv=None):
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                             format="%(asctime)s lvs-dp %(levelname)s %(message)s")
         from control import daemon
+        synproxy = synproxy_overrides(args.synproxy)
         return daemon.run(args.config, args.socket, args.backend, args.queues, args.queue_base,
                           args.instance, args.max_conns, metrics=args.metrics,
                           socket_group=args.socket_group, lport_range=_port_range(args.lport_range),
-                          expire_nodest_conn=args.expire_nodest_conn)
+                          expire_nodest_conn=args.expire_nodest_conn, synproxy=synproxy)
     if args.cmd == "list":
         return _list(args)
     if args.cmd in LIVE_COMMANDS:
@@ -89,6 +95,20 @@ def _port_range(text):
     except ValueError:
         raise SystemExit(f"lvs-dp: bad --lport-range {text!r}: want LO-HI within 1-65535") from None
     return lo, hi
+
+
+def synproxy_overrides(items):
+    """``--synproxy NAME=VALUE`` arguments -> {field: int} (the last of a name wins);
+    SystemExit naming the bad one."""
+    from control.synproxy_settings import parse_assignment
+    out = {}
+    for text in items:
+        try:
+            field, value = parse_assignment(text)
+        except ValueError as e:
+            raise SystemExit(f"lvs-dp: bad --synproxy {e}") from None
+        out[field] = value
+    return out
 
 
 def _list(args):
@@ -127,6 +147,9 @@ def render_dataplane(snap):
     lines.append("  Counters:")
     for name, v in dp.get("counters", {}).items():
         lines.append(f"    {name:<24}{v:>12}")
+    sp = snap.get("synproxy")
+    if sp:
+        lines.append("  SYN-proxy settings: " + " ".join(f"{k}={v}" for k, v in sp.items()))
     for q, qs in dp.get("queues", {}).items():
         lines.append(f"  Queue {q}: waiting {qs.get('queue_total', 0)}, dropped by the kernel "
                      f"{qs.get('queue_dropped', 0)}, lost to the socket {qs.get('user_dropped', 0)}")

@@ -77,8 +77,10 @@ class Daemon:
     def __init__(self, config_path, socket_path=api.DEFAULT_SOCKET, backend="netlink", queues=1,
                  queue_base=0, instance="default", max_conns=1 << 20, allow_gid=None,
                  metrics_addr=None, lport_range=(T.LPORT_LO, T.LPORT_HI),
-                 expire_nodest_conn=False):
+                 expire_nodest_conn=False, synproxy_overrides=None):
         self.config_path = config_path
+        self.sp_overrides = dict(synproxy_overrides or {})   # lvs-dp run --synproxy: field -> int
+        self.sp_settings = None                             # the SynproxySettings in force
         self.expire_nodest_conn = expire_nodest_conn
         self.socket_path = socket_path
         self.backend = backend
@@ -103,12 +105,37 @@ class Daemon:
         self._live_init(allow_gid, metrics_addr)
 
     # -- set-up and tear-down ----------------------------------------------------------------
-    def start(self):
+    def load(self):
+        """Read the configuration into the tables (services, real servers, SYN-proxy settings);
+        no rules, queues or threads yet. Returns (model, specs)."""
         model, specs, notes = load_specs(self.config_path)
         self.notes = notes
         for n in notes:
             log.warning("%s", n)
         self.tw.sync(specs)
+        self._apply_synproxy(model)
+        return model, specs
+
+    def _apply_synproxy(self, model):
+        """SYN-proxy settings: the patch's defaults, then the file's ``synproxy { }`` block, then
+        ``--synproxy`` (the command line wins); written into Config.sp_cfg, which the workers read
+        per packet, so a reload takes effect at once (handshakes in flight: synproxy_ack's
+        docstring). Returns a line per changed setting (none at start)."""
+        from control.synproxy_settings import SynproxySettings, with_values
+        new = with_values(with_values(SynproxySettings(), model.synproxy), self.sp_overrides)
+        errs = new.validate()
+        if errs:        # the parser and the CLI check each value; this is a last guard
+            raise ConfigError("synproxy: " + "; ".join(errs))
+        old, self.sp_settings = self.sp_settings, new
+        self.cfg.sp_cfg[:] = new.as_array()
+        if old is None:
+            log.info("synproxy settings: %s", new.values())
+            return []
+        a, b = old.values(), new.values()
+        return [f"synproxy {k}: {a[k]} -> {b[k]}" for k in a if a[k] != b[k]]
+
+    def start(self):
+        model, specs = self.load()
         self._warn_missing_addresses(specs)
         R.cleanup_leftovers(self.instance)
         self.sysctls = R.Sysctls(self.instance)
@@ -303,6 +330,7 @@ class Daemon:
                          "tcpfin": int(cfg.timeouts_ns[C.IP_VS_TCP_S_FIN_WAIT] // C.NS),
                          "udp": int(cfg.timeouts_ns[C.IP_VS_UDP_S_NORMAL] // C.NS)},
             "dataplane": self._dp_stats(),
+            "synproxy": self.sp_settings.values() if self.sp_settings else None,
         }
         if conns:
             snap["conns"] = self._conns()
@@ -448,6 +476,7 @@ class Daemon:
                 except ValueError as e:
                     self.tw.sync(old)
                     return {"ok": False, "error": f"reload refused: {e}"}
+                changes += self._apply_synproxy(res.config)
                 if self.health:
                     for change in self.health.update(res.config, specs):
                         self._apply_health(*change)
@@ -633,7 +662,7 @@ def resolve_group(group):
 
 def run(config_path, socket_path, backend, queues, queue_base, instance, max_conns,
         metrics=None, socket_group=None, lport_range=(T.LPORT_LO, T.LPORT_HI),
-        expire_nodest_conn=False):
+        expire_nodest_conn=False, synproxy=None):
     try:
         gid = resolve_group(socket_group)
     except ValueError as e:
@@ -641,7 +670,7 @@ def run(config_path, socket_path, backend, queues, queue_base, instance, max_con
         return 2
     d = Daemon(config_path, socket_path, backend, queues, queue_base, instance, max_conns,
                allow_gid=gid, metrics_addr=metrics, lport_range=lport_range,
-               expire_nodest_conn=expire_nodest_conn)
+               expire_nodest_conn=expire_nodest_conn, synproxy_overrides=synproxy)
     d.install_signals()
     try:
         d.start()

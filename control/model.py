@@ -330,7 +330,9 @@ class Config:
     ('' for a flag), or to the tuple of its lines for a sub-block (``notification_email``).
     ``local_address_groups`` maps a group name to its local addresses, ranges expanded, in order.
     ``static_ipaddress``/``static_routes``/``static_rules`` are the lines of those blocks as
-    written. ``other`` holds the remaining root blocks keepalived knows (SSL, track_file, ...)."""
+    written. ``other`` holds the remaining root blocks keepalived knows (SSL, track_file, ...).
+    ``synproxy`` holds the values of lvs-dp's ``synproxy { }`` block by
+    control/synproxy_settings.py field name (on/off as 1/0), only those given."""
 
     global_defs: dict = _nohash()
     services: tuple[VirtualServer, ...] = ()
@@ -343,6 +345,7 @@ class Config:
     static_routes: tuple[str, ...] = ()
     static_rules: tuple[str, ...] = ()
     other: tuple[Node, ...] = ()
+    synproxy: dict = _nohash()                 # synproxy { }: SynproxySettings field -> int
 
     def concrete_services(self) -> Iterator[VirtualServer]:
         """Every service IPVS would hold: services given by address or fwmark as they are, and a

@@ -120,7 +120,8 @@ def _finish(ctx: "_Ctx", items: list) -> ParseResult:
         vrrp_sync_groups=ctx.vrrp_sync_groups, vrrp_scripts=ctx.vrrp_scripts,
         static_ipaddress=tuple(ctx.static["static_ipaddress"]),
         static_routes=tuple(ctx.static["static_routes"]),
-        static_rules=tuple(ctx.static["static_rules"]), other=tuple(ctx.other))
+        static_rules=tuple(ctx.static["static_rules"]), other=tuple(ctx.other),
+        synproxy=dict(ctx.synproxy))
     return ParseResult(cfg, ctx.sorted(ctx.errors), ctx.sorted(ctx.warnings))
 
 
@@ -146,6 +147,7 @@ class _Ctx:
         self.static: dict[str, list[str]] = {"static_ipaddress": [], "static_routes": [],
                                              "static_rules": []}
         self.other: list[Node] = []
+        self.synproxy: dict[str, int] = {}     # synproxy { } block: field -> value
         # References checked once everything is read (a group may be defined after its user):
         # (kind, name, file, line)
         self.refs: list[tuple[str, str, str, int]] = []
@@ -1278,6 +1280,83 @@ def _root_other(ctx, b, st):
     ctx.other.append(st.node())
 
 
+def _root_synproxy(ctx, b, st):
+    """synproxy { init_mss 1452  sack on  syn_retry 3 ... } (lvs-dp's; DPVS has a block of the
+    name): the patched kernel's net.ipv4.vs.synproxy_* sysctls, by lvs-dp field name, sysctl name
+    (``synproxy_ack_skb_store_thresh``) or DPVS's flat keyword (``rs_syn_max_retry``); see
+    control/synproxy_settings.py. DPVS's two sub-blocks are read too: ``synack_options { mss N
+    ttl N sack timestamp wscale N }`` and ``conn_reuse_state { close time_wait ... }`` (the
+    states listed are on, the others off). Ranges are SynproxySettings'. keepalived does not
+    know the block (it warns and skips it). The settings module is imported only when the block
+    is used: it brings numba with it."""
+    if not _need_block(ctx, st):
+        return
+    from control import synproxy_settings as sps
+    if st.args:
+        ctx.warning(st.file, st.line, f"synproxy: extra '{' '.join(st.args)}' ignored")
+    seen: dict[str, int] = {}
+    for c in st.children:
+        if c.kw == "synack_options" and c.children is not None and not c.toks[0].quoted:
+            for o in c.children:
+                _synproxy_value(ctx, sps, o, _DPVS_SYNACK_OPTIONS.get(o.kw), seen,
+                                "synproxy synack_options")
+            continue
+        if c.kw == "conn_reuse_state" and c.children is not None and not c.toks[0].quoted:
+            _synproxy_reuse_states(ctx, c, seen)
+            continue
+        _synproxy_value(ctx, sps, c, None if c.toks[0].quoted else sps.field_for(c.kw), seen)
+
+
+_DPVS_SYNACK_OPTIONS = {"mss": "init_mss", "ttl": "synack_ttl", "sack": "sack",
+                        "timestamp": "timestamp", "wscale": "wscale"}
+_REUSE_STATES = ("close", "time_wait", "fin_wait", "close_wait", "last_ack")
+
+
+def _synproxy_value(ctx, sps, c, field_, seen, where="synproxy"):
+    """One ``keyword [value]`` of the synproxy block into ctx.synproxy, or its diagnostic."""
+    if field_ is None:
+        ctx.warning(c.file, c.line, f"{where}: unknown keyword '{c.kw}'")
+        return
+    if c.children is not None:
+        ctx.error(c.file, c.line, f"{where} {c.kw}: takes no {{ }} block")
+        return
+    if not c.args and field_ not in sps.BOOL_FIELDS:
+        ctx.error(c.file, c.line, f"{where} {c.kw}: missing value")
+        return
+    if len(c.args) > 1:
+        ctx.warning(c.file, c.line, f"{where} {c.kw}: extra '{' '.join(c.args[1:])}' ignored")
+    try:
+        v = sps.read_value(field_, c.args[0]) if c.args else 1
+    except ValueError as e:
+        ctx.error(c.file, c.line, f"{where} {c.kw}: {e}")
+        return
+    errs = sps.with_values(sps.SynproxySettings(), {field_: v}).field_errors()
+    if errs:
+        ctx.error(c.file, c.line, f"{where} {c.kw}: {errs[0][1]}")
+        return
+    if field_ in seen:
+        ctx.warning(c.file, c.line, f"{where} {c.kw}: given again (first at line "
+                                    f"{seen[field_]}); the last one is used")
+    seen[field_] = c.line
+    ctx.synproxy[field_] = v
+
+
+def _synproxy_reuse_states(ctx, c, seen):
+    """DPVS's ``conn_reuse_state { close time_wait }``: reuse on, exactly the states listed."""
+    on = set()
+    for s in c.children:
+        for word in [s.kw] + s.args:
+            if word in _REUSE_STATES:
+                on.add(word)
+            else:
+                ctx.error(s.file, s.line, f"synproxy conn_reuse_state: unknown state '{word}' "
+                                          f"(expected {', '.join(_REUSE_STATES)})")
+    ctx.synproxy["conn_reuse"] = 1
+    for state in _REUSE_STATES:
+        ctx.synproxy[f"conn_reuse_{state}"] = int(state in on)
+        seen[f"conn_reuse_{state}"] = c.line
+
+
 def _root_vsg(ctx, b, st):
     """virtual_server_group NAME { ADDR|RANGE [PORT] ... fwmark N [inet|inet6] ... }"""
     if not _need_block(ctx, st):
@@ -1522,6 +1601,7 @@ def _grammar() -> _Level:
         ("static_ipaddress", _root_static), ("static_routes", _root_static),
         ("static_rules", _root_static), ("virtual_server_group", _root_vsg),
         ("local_address_group", _root_laddr_group),
+        ("synproxy", _root_synproxy),
     ] + [(name, _root_other) for name in _OTHER_ROOTS]
     return _level("root", [_kw(n, h, 0, None, raw=True, repeat=True) for n, h in raw] + [
         _kw("virtual_server", None, 1, 3, level=vs, repeat=True)], None, None)

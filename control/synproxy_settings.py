@@ -19,11 +19,21 @@ difference:
   lvs-dp rescales the real server's windows by the difference (dataplane/synproxy.py).
 
 `validate` applies the sysctls' ranges (``proc_dointvec_minmax`` extra1/extra2 in ip_vs_ctl.c).
+
+Where an operator sets them
+---------------------------
+lvs-dp has no /proc/sys: the values come from the config's top-level ``synproxy { }`` block
+(control/parser.py ``_root_synproxy``; keepalived warns about the unknown block and skips it)
+and ``lvs-dp run --synproxy NAME=VALUE``, which wins. Either accepts every spelling in `NAMES`
+(field, bare or full sysctl name, DPVS's flat keyword; `field_for`) and on/off for the flags
+(`read_value`). control/daemon.py ``Daemon._apply_synproxy`` merges defaults, file and command
+line (`with_values`) into Config.sp_cfg at start and on every reload.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,12 +64,20 @@ class SynproxySettings:
 
     def validate(self) -> list[str]:
         """Problems with the values, one message each (empty: valid)."""
+        return [f"{SYSCTL_NAMES.get(name, name)}: {msg}" for name, msg in self.field_errors()]
+
+    def field_errors(self) -> list[tuple[str, str]]:
+        """(field, "V is outside LO..HI") for each value out of its range."""
         errs = []
         for name, lo, hi in _RANGES:
             v = int(getattr(self, name))
             if not lo <= v <= hi:
-                errs.append(f"{SYSCTL_NAMES.get(name, name)}: {v} is outside {lo}..{hi}")
+                errs.append((name, f"{v} is outside {lo}..{hi}"))
         return errs
+
+    def values(self) -> dict[str, int]:
+        """Every field as an int, by field name (what `lvs-dp list --json` shows)."""
+        return {f.name: int(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     def reuse_states_mask(self) -> int:
         """Bit (1 << IP_VS_TCP_S_*) for each state whose entry a cookie-valid ACK may reuse
@@ -173,3 +191,62 @@ _RANGES = (
     ("cookie_max_age", 1, 255),
     ("synack_window", -1, 65535),
 )
+
+
+# --- names an operator may use: the config's ``synproxy { }`` block and ``lvs-dp run --synproxy`` --
+BOOL_FIELDS = frozenset(f.name for f in dataclasses.fields(SynproxySettings) if f.type in (bool, "bool"))
+
+# Every spelling of a field: its own name, the sysctl's name (bare: ``synproxy_init_mss``) and
+# DPVS's flat keyword where DPVS has one (DPVS's sub-blocks, ``synack_options { }`` and
+# ``conn_reuse_state { }``, are the parser's: control/parser.py _root_synproxy).
+NAMES = {name: name for name in SynproxySettings.__dataclass_fields__}
+NAMES.update({sysctl.rsplit(".", 1)[1]: name for name, sysctl in SYSCTL_NAMES.items()})
+NAMES.update({dpvs: name for name, dpvs in DPVS_NAMES.items() if "/" not in dpvs})
+
+_TRUE = ("on", "yes", "true", "1")
+_FALSE = ("off", "no", "false", "0")
+
+
+def field_for(name: str) -> str | None:
+    """The field a name means: ``init_mss``, ``synproxy_init_mss``, ``net.ipv4.vs.synproxy_init_mss``,
+    ``net/ipv4/vs/synproxy_init_mss`` or DPVS's ``rs_syn_max_retry``; None if none."""
+    return NAMES.get(name.replace("/", ".").rsplit(".", 1)[-1])
+
+
+def read_value(field: str, text: str) -> int:
+    """A value as given for `field`: an integer, or for the on/off fields also on/off, yes/no,
+    true/false. Raises ValueError saying what was expected (ranges are `field_errors`')."""
+    t = text.strip().lower()
+    if field in BOOL_FIELDS:
+        if t in _TRUE:
+            return 1
+        if t in _FALSE:
+            return 0
+        raise ValueError(f"invalid value '{text}' (expected on|off)")
+    if not re.fullmatch(r"[+-]?[0-9]+", t):
+        raise ValueError(f"invalid number '{text}'")
+    return int(t)
+
+
+def parse_assignment(text: str) -> tuple[str, int]:
+    """``NAME=VALUE`` (``lvs-dp run --synproxy``) -> (field, value), range-checked; ValueError
+    with a message naming NAME otherwise."""
+    name, sep, value = text.partition("=")
+    field = field_for(name.strip()) if sep else None
+    if field is None:
+        raise ValueError(f"{text!r}: expected NAME=VALUE with NAME one of "
+                         f"{', '.join(sorted(SYSCTL_NAMES))} (or the short names)")
+    try:
+        v = read_value(field, value)
+    except ValueError as e:
+        raise ValueError(f"{name.strip()}: {e}") from None
+    errs = with_values(SynproxySettings(), {field: v}).field_errors()
+    if errs:
+        raise ValueError(f"{name.strip()}: {errs[0][1]}")
+    return field, v
+
+
+def with_values(base: SynproxySettings, values: dict[str, int]) -> SynproxySettings:
+    """`base` with some fields replaced (values by field name, ints; on/off fields as 0/1)."""
+    return dataclasses.replace(base, **{k: bool(v) if k in BOOL_FIELDS else int(v)
+                                        for k, v in values.items()})

@@ -35,6 +35,9 @@ DROP_SYNPROXY_RS_RST = 14       # SYN-proxy: the real server refused (RST to our
 DROP_SYNPROXY_DEFER = 15        # SYN-proxy with synproxy_defer: cookie ACK without data (the
 #                                 connection is made on the client's first data segment)
 N_DROP = 16
+# Drop reasons past N_DROP (the first 16 slots are full); their ids sit among the counters'.
+DROP_SYNPROXY_SYNSEND_QLEN = 36     # SYN-proxy: client segment while SYN_SENT beyond
+#                                     synproxy_ack_skb_store_thresh (the patch's SYNPROXY_SYNSEND_QLEN)
 
 DROP_NAMES = {
     DROP_MALFORMED: "malformed",
@@ -51,6 +54,7 @@ DROP_NAMES = {
     DROP_SYNPROXY_SYN_SENT: "synproxy_syn_sent",
     DROP_SYNPROXY_RS_RST: "synproxy_rs_refused",
     DROP_SYNPROXY_DEFER: "synproxy_defer",
+    DROP_SYNPROXY_SYNSEND_QLEN: "synproxy_synsend_qlen",
 }
 
 # Other counters follow the drop reasons in the same array.
@@ -77,6 +81,10 @@ STAT_FRAG_XLATE = 32        # later fragments rewritten by their first fragment'
 STAT_SYNPROXY_OK_ACK = 33   # SYN-proxy: valid cookie ACKs (connection created, SYN sent to the RS)
 STAT_SYNPROXY_RS_SYNACK = 34    # SYN-proxy: RS SYN-ACKs consumed (ACK sent to the RS: ESTABLISHED)
 STAT_SYNPROXY_ACK_DATA = 35     # SYN-proxy: cookie ACKs that carried data (dropped; retransmitted)
+STAT_SYNPROXY_CONN_REUSED = 37  # SYN-proxy: a cookie-valid ACK or a SYN freed an entry in a
+#                                 synproxy_conn_reuse_* state and started a new connection
+STAT_SYNPROXY_NO_WAIT_SLOT = 38     # SYN-proxy: no wait slot free (no held segments, no timed
+#                                     SYN retries for that connection; Worker.sp_wait_cid)
 N_STATS = 64
 
 STAT_NAMES = {
@@ -100,6 +108,8 @@ STAT_NAMES = {
     STAT_SYNPROXY_OK_ACK: "synproxy_ack_ok",
     STAT_SYNPROXY_RS_SYNACK: "synproxy_rs_synack",
     STAT_SYNPROXY_ACK_DATA: "synproxy_ack_with_data",
+    STAT_SYNPROXY_CONN_REUSED: "synproxy_conn_reused",
+    STAT_SYNPROXY_NO_WAIT_SLOT: "synproxy_no_wait_slot",
 }
 
 # --- protocols ------------------------------------------------------------------------------------

@@ -417,13 +417,105 @@ def fnat_packet(cfg, wk, buf, o, plen, cap, l4, direction, cid, proto, tflags, n
 #   goes in the client's first data segment (our handshake ACK carries no payload).
 # * NAT + SYN-proxy: the SYN carries the client's ISN and TS value, so only the RS's side moves
 #   (seq_delta_out, ts_delta).
-# * Client segments while SYN_SENT: the first one with data (or FIN) is held (Worker.sp_hold,
-#   STAT_SYNPROXY_ACK_STORED) and sent on, translated, right after our ACK to the RS; others
-#   are dropped (DROP_SYNPROXY_SYN_SENT): the client retransmits. Client segments also drive
-#   the SYN retries to a silent RS: one more SYN when the last is SP_SYN_RETRY_NS old, up to
-#   SPC_SYN_RETRY; then a RST to the client and the entry is freed.
+# * Client segments while SYN_SENT: up to SPC_ACK_STORE_MAX with data (or FIN) are held in the
+#   connection's wait slot (Worker.sp_wait_cid/sp_hold, STAT_SYNPROXY_ACK_STORED) and sent on,
+#   translated and in order, right after our ACK to the RS; more are dropped
+#   (DROP_SYNPROXY_SYNSEND_QLEN), retransmissions of held ones and pure ACKs too
+#   (DROP_SYNPROXY_SYN_SENT): the client retransmits.
+# * SYN retries to a silent RS: one more SYN when the last is SP_SYN_RETRY_NS old, up to
+#   SPC_SYN_RETRY; then a RST to the client and the entry is freed. Checked on each client
+#   segment and by sp_retry_scan (every SP_SCAN_NS, from process_batch, whose empty batches the
+#   backends run while idle): a quiet client does not stall the retries. No clock is read here.
+# * Connection reuse: a SYN, or an ACK carrying a valid cookie, from the client of an entry in a
+#   synproxy_conn_reuse_* state (SPC_REUSE_STATES) frees the entry and starts over as a new
+#   connection (ip_vs_synproxy_reuse_conn; STAT_SYNPROXY_CONN_REUSED). For SYN-proxy entries
+#   these settings replace conn_reuse_mode's TIME_WAIT/CLOSE rule; in other states the packet
+#   belongs to the old connection, as without reuse.
 
 SP_SYN_RETRY_NS = C.NS      # at least this long between SYNs to a real server
+SP_SCAN_NS = C.NS // 10     # sp_retry_scan runs at most this often
+
+
+@njit(**JIT)
+def _sp_waiting(wk, cid):
+    """Connection cid is a SYN-proxy connection still waiting for its real server."""
+    c = wk.conn[cid]
+    return (c['flags'] & C.CONN_F_SYNPROXY) != 0 and c['state'] == C.IP_VS_TCP_S_SYN_SENT
+
+
+@njit(**JIT)
+def sp_wait_find(wk, cid):
+    """The wait slot of connection cid (tables.py: Worker.sp_wait_cid), or -1."""
+    for k in range(T.SP_WAIT_PROBE):
+        h = (cid + k) & (T.SP_WAIT_SLOTS - 1)
+        if wk.sp_wait_cid[h] == cid:
+            return np.int64(h)
+    return np.int64(-1)
+
+
+@njit(**JIT)
+def _sp_wait_claim(wk, cid):
+    """An empty wait slot for connection cid, new in SYN_SENT: its own (left by an earlier
+    connection with this id), else the first in its probe window that is free or whose owner no
+    longer waits; -1 when every one there belongs to a waiting connection."""
+    h = sp_wait_find(wk, cid)
+    if h < 0:
+        for k in range(T.SP_WAIT_PROBE):
+            j = (cid + k) & (T.SP_WAIT_SLOTS - 1)
+            owner = wk.sp_wait_cid[j]
+            if owner == 0 or not _sp_waiting(wk, owner):
+                h = np.int64(j)
+                break
+    if h >= 0:
+        wk.sp_wait_cid[h] = cid
+        wk.sp_hold_n[h] = 0
+    return h
+
+
+@njit(**JIT)
+def _sp_syn_retry(cfg, wk, cid, tx, now_ns):
+    """SYN_SENT connection cid: when its last SYN to the RS is SP_SYN_RETRY_NS old, send it again
+    (STAT_SYNPROXY_RS_SYN_RETRY), or, SPC_SYN_RETRY retries on, give up (_sp_abort)."""
+    c = wk.conn[cid]
+    if now_ns - c['sp_syn_ns'] < SP_SYN_RETRY_NS:
+        return
+    word = np.int64(c['sp_last_ack'])
+    retries = (word >> 25) & 7
+    if retries >= cfg.sp_cfg[SP.SPC_SYN_RETRY]:
+        _sp_abort(cfg, wk, cid, tx)
+    else:
+        c['sp_last_ack'] = (word & ~(np.int64(7) << 25)) | ((retries + 1) << 25)
+        c['sp_syn_ns'] = now_ns
+        if sp_syn_to_rs(cfg, wk, cid, tx):
+            wk.stats[C.STAT_SYNPROXY_RS_SYN_RETRY] += 1
+
+
+@njit(**JIT)
+def sp_retry_scan(cfg, wk, now_ns, tx):
+    """The RS SYN retry timer (the patch retransmits from ip_vs_conn_expire): visit every wait
+    slot, retry or abort the connections due (_sp_syn_retry), free slots whose connection no
+    longer waits. Bounded (SP_WAIT_SLOTS); process_batch calls it every SP_SCAN_NS."""
+    wk.ctl[T.CTL_SP_SCAN_NS] = now_ns + SP_SCAN_NS
+    for h in range(T.SP_WAIT_SLOTS):
+        cid = wk.sp_wait_cid[h]
+        if cid == 0:
+            continue
+        if not _sp_waiting(wk, cid):
+            wk.sp_wait_cid[h] = 0
+        elif wk.conn[cid]['expire_ns'] > now_ns:     # expired ones are the sweep's
+            _sp_syn_retry(cfg, wk, cid, tx, now_ns)
+
+
+@njit(**JIT)
+def sp_reuse_ok(cfg, wk, buf, o, tflags, now_ns):
+    """A client packet meeting a SYN-proxy entry in a reuse state: may it start a new
+    connection? A SYN may (it gets a cookie); an ACK may if it carries a valid cookie."""
+    if (tflags & (C.TH_SYN | C.TH_ACK | C.TH_RST | C.TH_FIN)) == C.TH_SYN:
+        return True
+    if (tflags & (C.TH_SYN | C.TH_ACK | C.TH_RST)) != C.TH_ACK:
+        return False
+    mss, _, _, _, _ = SP.synproxy_ack(buf, o, cfg.sp_secrets, cfg.sp_cfg, now_ns)
+    return mss >= 0
 
 
 @njit(**JIT)
@@ -518,9 +610,8 @@ def synproxy_miss(cfg, wk, buf, o, plen, cap, svc_id, tflags, now_ns, tx):
     c['win_shift_out'] = 0
     c['win_shift_in'] = 0
     c['sp_syn_ns'] = now_ns
-    h = cid & (T.SP_HOLD_SLOTS - 1)
-    if wk.sp_hold_cid[h] == cid:
-        wk.sp_hold_cid[h] = 0       # left by an earlier connection with this id
+    if _sp_wait_claim(wk, cid) < 0:
+        wk.stats[C.STAT_SYNPROXY_NO_WAIT_SLOT] += 1
     if c['flags'] & C.CONN_F_FULLNAT:
         isn = fnat_isn(np.int64(c['laddr']), np.int64(c['lport']), np.int64(c['daddr']),
                        np.int64(c['dport']), now_ns)
@@ -542,63 +633,73 @@ SP_HOLD_MAX = T.SP_HOLD_BYTES - 128     # room for TOA / a PROXY header on the w
 
 
 @njit(**JIT)
-def _sp_hold(wk, buf, o, plen, l4, cid, tflags):
-    """Keep a copy of a client segment that carries data or FIN while SYN_SENT (one per
-    connection; the slot's owner must be gone or no longer waiting). True when held."""
+def _sp_hold(cfg, wk, buf, o, plen, l4, cid, tflags):
+    """A client segment of a SYN_SENT connection. One with data or FIN is copied into the
+    connection's wait slot, up to SPC_ACK_STORE_MAX of them (STAT_SYNPROXY_ACK_STORED; more:
+    DROP_SYNPROXY_SYNSEND_QLEN). Pure ACKs, retransmissions of a held segment (same seq) and
+    segments with no slot or too long to hold: DROP_SYNPROXY_SYN_SENT. The caller drops the
+    original either way."""
     doff = (np.int64(buf[l4 + P.TCP_DOFF]) >> 4) * 4
     payload = rd16(buf, o + P.IP_TOT_LEN) - (l4 - o) - doff
-    if (payload <= 0 and (tflags & C.TH_FIN) == 0) or (tflags & (C.TH_SYN | C.TH_RST)) != 0:
-        return False
-    if plen > SP_HOLD_MAX:
-        return False
-    h = cid & (T.SP_HOLD_SLOTS - 1)
-    owner = wk.sp_hold_cid[h]
-    if owner != 0:
-        oc = wk.conn[owner]
-        if (owner == cid or ((oc['flags'] & C.CONN_F_SYNPROXY) != 0
-                             and oc['state'] == C.IP_VS_TCP_S_SYN_SENT)):
-            return False
+    h = sp_wait_find(wk, cid)
+    if ((payload <= 0 and (tflags & C.TH_FIN) == 0) or (tflags & (C.TH_SYN | C.TH_RST)) != 0
+            or h < 0 or plen > SP_HOLD_MAX):
+        wk.stats[C.DROP_SYNPROXY_SYN_SENT] += 1
+        return
+    n = np.int64(wk.sp_hold_n[h])
+    seq = rd32(buf, l4 + P.TCP_SEQ)
+    for k in range(n):
+        held = wk.sp_hold[h, k]
+        if rd32(held, (np.int64(held[0]) & 0xF) * 4 + P.TCP_SEQ) == seq:
+            wk.stats[C.DROP_SYNPROXY_SYN_SENT] += 1
+            return
+    if n >= min(cfg.sp_cfg[SP.SPC_ACK_STORE_MAX], np.int64(T.SP_HOLD_SEGS)):
+        wk.stats[C.DROP_SYNPROXY_SYNSEND_QLEN] += 1
+        return
     for j in range(plen):
-        wk.sp_hold[h, j] = buf[o + j]
-    wk.sp_hold_len[h] = plen
-    wk.sp_hold_cid[h] = cid
+        wk.sp_hold[h, n, j] = buf[o + j]
+    wk.sp_hold_len[h, n] = plen
+    wk.sp_hold_n[h] = n + 1
     wk.stats[C.STAT_SYNPROXY_ACK_STORED] += 1
-    return True
 
 
 @njit(**JIT)
 def _sp_release(cfg, wk, cid, tx, now_ns):
-    """The real server's handshake is complete: send the held client segment on, translated
-    and rewritten as an established packet, through tx (after our ACK)."""
-    h = cid & (T.SP_HOLD_SLOTS - 1)
-    if wk.sp_hold_cid[h] != cid:
+    """The real server's handshake is complete: send the held client segments on, in arrival
+    order, translated and rewritten as established packets, through tx (after our ACK); free
+    the wait slot."""
+    h = sp_wait_find(wk, cid)
+    if h < 0:
         return
-    wk.sp_hold_cid[h] = 0
-    k = _tx_slot(wk, tx)
-    if k < 0:
-        return
-    n = np.int64(wk.sp_hold_len[h])
-    at = tx.off[k]
-    for j in range(n):
-        tx.buf[at + j] = wk.sp_hold[h, j]
-    l4 = at + (np.int64(tx.buf[at]) & 0xF) * 4
-    tflags = np.int64(tx.buf[l4 + P.TCP_FLAGS])
+    wk.sp_wait_cid[h] = 0
     c = wk.conn[cid]
-    CT.tcp_transition(wk, cfg, cid, C.DIR_IN, tflags, now_ns)
-    if c['flags'] & C.CONN_F_FULLNAT:
-        n = fnat_packet(cfg, wk, tx.buf, at, n, np.int64(T.TX_SLOT), l4, C.DIR_IN, cid,
-                        np.int64(C.IPPROTO_TCP), tflags, now_ns)
-        if n < 0:
-            return
-        if c['win_shift_in'] != 0:
-            SP.tcp_translate(tx.buf, l4, 0, 0, 0, 0, np.int64(c['win_shift_in']))
-    else:
-        SP.tcp_translate(tx.buf, l4, 0, np.int64(c['seq_delta_out']), 0, np.int64(c['ts_delta']),
-                         np.int64(c['win_shift_in']))
-        N.nat_rewrite(tx.buf, at, np.int64(C.IPPROTO_TCP), l4, True, C.DIR_IN, c)
-    tx.length[k] = n
-    tx.count[0] = k + 1
-    _count(wk, np.int64(c['svc']), np.int64(c['dest']), C.DIR_IN, rd16(tx.buf, at + P.IP_TOT_LEN))
+    for s in range(np.int64(wk.sp_hold_n[h])):
+        k = _tx_slot(wk, tx)
+        if k < 0:
+            break
+        n = np.int64(wk.sp_hold_len[h, s])
+        at = tx.off[k]
+        for j in range(n):
+            tx.buf[at + j] = wk.sp_hold[h, s, j]
+        l4 = at + (np.int64(tx.buf[at]) & 0xF) * 4
+        tflags = np.int64(tx.buf[l4 + P.TCP_FLAGS])
+        CT.tcp_transition(wk, cfg, cid, C.DIR_IN, tflags, now_ns)
+        if c['flags'] & C.CONN_F_FULLNAT:
+            n = fnat_packet(cfg, wk, tx.buf, at, n, np.int64(T.TX_SLOT), l4, C.DIR_IN, cid,
+                            np.int64(C.IPPROTO_TCP), tflags, now_ns)
+            if n < 0:
+                continue
+            if c['win_shift_in'] != 0:
+                SP.tcp_translate(tx.buf, l4, 0, 0, 0, 0, np.int64(c['win_shift_in']))
+        else:
+            SP.tcp_translate(tx.buf, l4, 0, np.int64(c['seq_delta_out']), 0,
+                             np.int64(c['ts_delta']), np.int64(c['win_shift_in']))
+            N.nat_rewrite(tx.buf, at, np.int64(C.IPPROTO_TCP), l4, True, C.DIR_IN, c)
+        tx.length[k] = n
+        tx.count[0] = k + 1
+        _count(wk, np.int64(c['svc']), np.int64(c['dest']), C.DIR_IN,
+               rd16(tx.buf, at + P.IP_TOT_LEN))
+    wk.sp_hold_n[h] = 0
 
 
 @njit(**JIT)
@@ -615,9 +716,9 @@ def _sp_abort(cfg, wk, cid, tx):
                                     cfg.sp_cfg[SP.SPC_SYNACK_TTL])
         tx.count[0] = k + 1
     wk.stats[C.DROP_SYNPROXY_RS_RST] += 1
-    h = cid & (T.SP_HOLD_SLOTS - 1)
-    if wk.sp_hold_cid[h] == cid:
-        wk.sp_hold_cid[h] = 0
+    h = sp_wait_find(wk, cid)
+    if h >= 0:
+        wk.sp_wait_cid[h] = 0
     CT.conn_free(wk, cid)
 
 
@@ -633,18 +734,8 @@ def synproxy_conn(cfg, wk, buf, o, plen, cap, l4, direction, cid, tflags, now_ns
     c = wk.conn[cid]
     if c['state'] == C.IP_VS_TCP_S_SYN_SENT:
         if direction == C.DIR_IN:
-            if not _sp_hold(wk, buf, o, plen, l4, cid, tflags):
-                wk.stats[C.DROP_SYNPROXY_SYN_SENT] += 1
-            if now_ns - c['sp_syn_ns'] >= SP_SYN_RETRY_NS:
-                word = np.int64(c['sp_last_ack'])
-                retries = (word >> 25) & 7
-                if retries >= cfg.sp_cfg[SP.SPC_SYN_RETRY]:
-                    _sp_abort(cfg, wk, cid, tx)
-                else:
-                    c['sp_last_ack'] = (word & ~(np.int64(7) << 25)) | ((retries + 1) << 25)
-                    c['sp_syn_ns'] = now_ns
-                    if sp_syn_to_rs(cfg, wk, cid, tx):
-                        wk.stats[C.STAT_SYNPROXY_RS_SYN_RETRY] += 1
+            _sp_hold(cfg, wk, buf, o, plen, l4, cid, tflags)
+            _sp_syn_retry(cfg, wk, cid, tx, now_ns)
             return np.int64(-1)
         if tflags & C.TH_RST:
             _sp_abort(cfg, wk, cid, tx)
@@ -744,6 +835,7 @@ def process_batch(cfg, wk, buf, off, length, cap, mark, verdict, n, now_ns, tx):
     svc_cnt = wk.svc_cnt
     dest_cnt = wk.dest_cnt
     timeouts = cfg.timeouts_ns
+    sp_reuse = cfg.sp_cfg[SP.SPC_REUSE_STATES]
     mask = len(idx) - 1
     # Pass 1: start loading every packet's index slot, so the cache misses of a large table
     # overlap (a guess from fixed offsets: a packet that is not plain TCP/UDP wastes one).
@@ -833,6 +925,14 @@ def process_batch(cfg, wk, buf, off, length, cap, mark, verdict, n, now_ns, tx):
                 stats[C.STAT_CONN_EXPIRED] += 1
                 CT.conn_free(wk, val >> 1)
                 val = 0
+            elif ((val & 1) == C.DIR_IN and proto == C.IPPROTO_TCP
+                    and (c['flags'] & C.CONN_F_SYNPROXY) != 0):
+                # SYN-proxy entries: the synproxy_conn_reuse_* states decide (sp_reuse_ok).
+                if (((sp_reuse >> np.int64(c['state'])) & 1) != 0
+                        and sp_reuse_ok(cfg, wk, buf, o, tflags, now_ns)):
+                    stats[C.STAT_SYNPROXY_CONN_REUSED] += 1
+                    CT.conn_free(wk, val >> 1)
+                    val = 0
             elif ((val & 1) == C.DIR_IN and proto == C.IPPROTO_TCP
                     and (tflags & (C.TH_SYN | C.TH_ACK | C.TH_RST)) == C.TH_SYN
                     and (c['state'] == C.IP_VS_TCP_S_TIME_WAIT or c['state'] == C.IP_VS_TCP_S_CLOSE)):
@@ -938,3 +1038,5 @@ def process_batch(cfg, wk, buf, off, length, cap, mark, verdict, n, now_ns, tx):
         stats[C.STAT_REWRITTEN] += 1
         verdict[i] = C.VERDICT_REWRITE
     CT.sweep(wk, cfg, now_ns, SWEEP_IDLE if n == 0 else SWEEP_PER_PACKET * n + 16)
+    if wk.ctl[T.CTL_SP_SCAN_NS] <= now_ns:
+        sp_retry_scan(cfg, wk, now_ns, tx)

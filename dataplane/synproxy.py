@@ -26,7 +26,7 @@ Theory of operation: which packet does what
                               (3) the RS's SYN-ACK is consumed (dropped): seq_delta = cookie - r,
                                   ts_delta = tb - tr, win_shift_out = ws_rs - ws_offered;
                                   ack_to_rs() builds ACK seq=c+1 ack=r+1 [TOA, TS(tc, tr)]  --->
-                                  ESTABLISHED; a client segment held meanwhile is translated
+                                  ESTABLISHED; client segments held meanwhile are translated
                                   and sent on via Tx (pipeline.py: _sp_hold / _sp_release)
       data <===========>      (4) every packet, both ways (tcp_translate):
                                   client -> RS: ack -= seq_delta, SACK edges -= seq_delta,

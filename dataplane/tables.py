@@ -122,7 +122,8 @@ CTL_WORKER = 4          # this worker's index and the worker count: which local 
 CTL_N_WORKERS = 5
 CTL_LPORT_LO = 6
 CTL_LPORT_HI = 7
-N_CTL = 8
+CTL_SP_SCAN_NS = 8      # SYN-proxy: when the next RS SYN retry scan is due (pipeline.sp_retry_scan)
+N_CTL = 9
 
 # Per-service scheduler state columns in Worker.sched (int64)
 SS_RR_POS = 0           # rr/wrr: position in svc_dests
@@ -173,15 +174,22 @@ Worker = namedtuple("Worker", [
     "laddr_rr",     # int32[MAX_SVC]: round-robin cursor into Config.svc_laddrs
     "laddr_conns",  # int32[MAX_LADDR]: live connections per local address
     "scratch",      # uint8[256]: PROXY headers are built here before insertion
-    # SYN-proxy: one client segment with data (or FIN) held per SYN_SENT connection, sent on
-    # (translated, through Tx) right after the ACK that completes the real server's handshake.
-    # Direct-mapped by conn id & (SP_HOLD_SLOTS - 1); a busy slot means the segment is dropped
-    # (the client retransmits it).
-    "sp_hold",      # uint8[SP_HOLD_SLOTS, SP_HOLD_BYTES]
-    "sp_hold_cid",  # int64[SP_HOLD_SLOTS]: owning connection, 0 = free
-    "sp_hold_len",  # int32[SP_HOLD_SLOTS]
+    # SYN-proxy wait slots: a connection waiting for its real server's SYN-ACK (SYN_SENT) takes
+    # one, found by linear probing from cid & (SP_WAIT_SLOTS - 1) over at most SP_WAIT_PROBE
+    # slots. It lists the connection for the periodic SYN retry scan and holds up to
+    # SPC_ACK_STORE_MAX (<= SP_HOLD_SEGS) client segments with data or FIN, sent on (translated,
+    # through Tx, in arrival order) right after the ACK that completes the real server's
+    # handshake (the patch's cp->ack_skb queue). A connection that finds no slot still works,
+    # without held segments or timed retries (STAT_SYNPROXY_NO_WAIT_SLOT). Freed on the SYN-ACK,
+    # on abort, or found stale (its connection no longer SYN_SENT) by the next claim or scan.
+    "sp_wait_cid",  # int64[SP_WAIT_SLOTS]: owning connection, 0 = free
+    "sp_hold_n",    # int32[SP_WAIT_SLOTS]: segments held
+    "sp_hold_len",  # int32[SP_WAIT_SLOTS, SP_HOLD_SEGS]
+    "sp_hold",      # uint8[SP_WAIT_SLOTS, SP_HOLD_SEGS, SP_HOLD_BYTES] (pages touched on use)
 ])
-SP_HOLD_SLOTS = 256
+SP_WAIT_SLOTS = 1024
+SP_WAIT_PROBE = 8
+SP_HOLD_SEGS = 5        # the patch's synproxy_ack_skb_store_thresh maximum
 SP_HOLD_BYTES = 2048
 FRAG_SLOTS = 4096
 FRAG_TIMEOUT_NS = 30 * C.NS     # the kernel's ipfrag_time default
@@ -318,9 +326,10 @@ def new_worker(max_conns=1 << 20, worker=0, n_workers=1, port_lo=LPORT_LO, port_
         laddr_rr=np.zeros(MAX_SVC, np.int32),
         laddr_conns=np.zeros(MAX_LADDR, np.int32),
         scratch=np.zeros(256, np.uint8),
-        sp_hold=np.zeros((SP_HOLD_SLOTS, SP_HOLD_BYTES), np.uint8),
-        sp_hold_cid=np.zeros(SP_HOLD_SLOTS, np.int64),
-        sp_hold_len=np.zeros(SP_HOLD_SLOTS, np.int32),
+        sp_wait_cid=np.zeros(SP_WAIT_SLOTS, np.int64),
+        sp_hold_n=np.zeros(SP_WAIT_SLOTS, np.int32),
+        sp_hold_len=np.zeros((SP_WAIT_SLOTS, SP_HOLD_SEGS), np.int32),
+        sp_hold=np.zeros((SP_WAIT_SLOTS, SP_HOLD_SEGS, SP_HOLD_BYTES), np.uint8),
     )
 
 

@@ -111,3 +111,34 @@ def test_nat_syn_proxy_with_the_nfqueue_backend(lab, tmp_path):
         bodies = [lab.curl(f"http://{lab.vip}/").stdout.strip() for _ in range(4)]
         assert all(b in HELLO for b in bodies) and len(set(bodies)) == 2, bodies
         assert lb.snapshot()["dataplane"]["counters"]["synproxy_rs_synack"] >= 4
+
+
+@pytest.mark.parametrize("backend", ["netlink", "nfqueue"])
+def test_nat_silent_real_servers_client_reset_after_timed_syn_retries(lab, tmp_path, backend):
+    """Real servers that drop SYNs from clients (their health checks, from the balancer, still
+    pass): the balancer retries its SYN on a timer (`--synproxy` sets 2 retries), then resets
+    the client, who fails fast instead of hanging, and no entry is left. Both backends run the
+    retry scan (it rides on their idle empty batches)."""
+    conf = with_syn_proxy(EXAMPLES / "seed-nat.conf", tmp_path / "nat-sp.conf", "NAT")
+    rule = ["INPUT", "-s", "172.16.1.0/24", "-p", "tcp", "--dport", "80", "--syn", "-j", "DROP"]
+    with LvsDp(lab, conf, backend=backend,
+               extra=["--synproxy", "net.ipv4.vs.synproxy_syn_retry=2"]) as lb:
+        assert lb.snapshot()["synproxy"]["syn_retry"] == 2
+        assert "SYN-proxy settings: " in lb.list("--stats")
+        added = []
+        try:
+            for rs in ("rs3", "rs4"):
+                lab.run(rs, ["iptables", "-w", "-I", *rule])
+                added.append(rs)
+            t0 = time.monotonic()
+            r = lab.curl(f"http://{lab.vip}/", check=False, timeout=20)
+            took = time.monotonic() - t0
+        finally:
+            for rs in added:
+                lab.run(rs, ["iptables", "-w", "-D", *rule], check=False)
+        assert r.returncode == 56 and "reset" in r.stderr.lower(), (r.returncode, r.stderr)
+        assert took < 8, took                       # 1 s between SYNs: ~3 s, not curl's 20
+        dp = lb.snapshot()["dataplane"]
+        assert dp["counters"]["synproxy_rs_syn_retry"] == 2, dp["counters"]
+        assert dp["drops"]["synproxy_rs_refused"] == 1 and dp["conns"] == 0, dp
+        assert lab.curl(f"http://{lab.vip}/").stdout.strip() in HELLO     # answering again

@@ -665,3 +665,101 @@ def test_example_seed_udp():
     assert (vs.protocol, vs.addr, vs.port, vs.lb_algo, vs.lb_kind) == ("UDP", "172.16.1.100", 53, "rr", "NAT")
     assert [(rs.addr, rs.port, rs.checkers) for rs in vs.real_servers] == [("172.16.2.13", 5353, ()),
                                                                            ("172.16.2.14", 5353, ())]
+
+
+# --- synproxy { }: the patched kernel's SYN-proxy sysctls in the file ----------------------------------
+
+SP_BLOCK = """synproxy {
+    init_mss 1200
+    sack off
+    synproxy_wscale 7
+    timestamp
+    synack_ttl 60
+    synproxy_defer on
+    conn_reuse_fin_wait yes
+    ack_store_max 5
+    ack_storm_thresh 0
+    rs_syn_max_retry 2
+}
+"""
+
+
+def test_synproxy_block_every_spelling():
+    r = parse_text(SP_BLOCK + FNAT, "k.conf")
+    assert r.errors == [] and r.warnings == [], _strs(r.errors + r.warnings)
+    assert r.config.synproxy == {"init_mss": 1200, "sack": 0, "wscale": 7, "timestamp": 1,
+                                 "synack_ttl": 60, "defer": 1, "conn_reuse_fin_wait": 1,
+                                 "ack_store_max": 5, "ack_storm_thresh": 0, "syn_retry": 2}
+    # The full sysctl name works too, and no block means no values (the defaults apply).
+    r = parse_text("synproxy {\n net.ipv4.vs.synproxy_init_mss 1400\n}\n", "k.conf")
+    assert r.config.synproxy == {"init_mss": 1400} and r.errors == []
+    assert parse_text(FNAT).config.synproxy == {}
+
+
+def test_synproxy_block_bad_values_at_their_lines():
+    text = ("synproxy {\n"              # 1
+            "    init_mss 70000\n"      # 2  out of range (SynproxySettings' ranges)
+            "    sack maybe\n"          # 3  not a boolean
+            "    syn_retry\n"           # 4  missing value
+            "    wscale 15\n"           # 5  above TCP_MAX_WSCALE
+            "    ack_store_max six\n"   # 6  not a number
+            "    synack_ttl 0\n"        # 7
+            "    bogus 1\n"             # 8  unknown: a warning, as keepalived's
+            "    defer { }\n"           # 9  no block allowed
+            "    init_mss 1300 1400\n"  # 10 extra value: a warning; 1300 is used
+            "}\n")
+    r = parse_text(text, "k.conf")
+    assert _strs(r.errors) == [
+        "k.conf:2: synproxy init_mss: 70000 is outside 0..65535",
+        "k.conf:3: synproxy sack: invalid value 'maybe' (expected on|off)",
+        "k.conf:4: synproxy syn_retry: missing value",
+        "k.conf:5: synproxy wscale: 15 is outside 0..14",
+        "k.conf:6: synproxy ack_store_max: invalid number 'six'",
+        "k.conf:7: synproxy synack_ttl: 0 is outside 1..255",
+        "k.conf:9: synproxy defer: takes no { } block",
+    ]
+    assert [(d.line, d.message) for d in r.warnings] == [
+        (8, "synproxy: unknown keyword 'bogus'"),
+        (10, "synproxy init_mss: extra '1400' ignored")]
+    assert r.config.synproxy == {"init_mss": 1300}
+    assert _strs(parse_text("synproxy\n", "k.conf").errors) == ["k.conf:1: synproxy: needs a { } block"]
+
+
+def test_check_reports_synproxy_settings_and_errors(capsys, tmp_path):
+    (tmp_path / "s.conf").write_text("synproxy {\n  init_mss 1200\n  sack off\n}\n" + FNAT)
+    assert check.run(str(tmp_path / "s.conf")) == 0
+    assert "synproxy: init_mss 1200, sack off\n" in capsys.readouterr().out
+    (tmp_path / "u.conf").write_text("synproxy {\n  syn_retry 1\n}\n" + NAT)
+    assert check.run(str(tmp_path / "u.conf")) == 0
+    assert "synproxy: syn_retry 1 (no virtual_server has syn_proxy)" in capsys.readouterr().out
+    (tmp_path / "b.conf").write_text("synproxy {\n  syn_retry 9\n}\n" + FNAT)
+    assert check.run(str(tmp_path / "b.conf")) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path}/b.conf:2: synproxy syn_retry: 9 is outside 0..6" in err
+
+
+def test_synproxy_block_dpvs_sub_blocks():
+    text = ("synproxy {\n"
+            "    synack_options {\n"
+            "        mss 1400\n"
+            "        ttl 60\n"
+            "        sack off\n"
+            "        timestamp\n"
+            "        window 9\n"             # 7: not one of DPVS's synack options here
+            "    }\n"
+            "    max_ack_saved 2\n"
+            "    conn_reuse_state {\n"
+            "        close\n"
+            "        fin_wait last_ack\n"
+            "        syn_sent\n"             # 13: not a reuse state
+            "    }\n"
+            "}\n")
+    r = parse_text(text, "k.conf")
+    assert _strs(r.errors) == ["k.conf:13: synproxy conn_reuse_state: unknown state 'syn_sent' "
+                               "(expected close, time_wait, fin_wait, close_wait, last_ack)"]
+    assert [(d.line, d.message) for d in r.warnings] == [
+        (7, "synproxy synack_options: unknown keyword 'window'")]
+    assert r.config.synproxy == {"init_mss": 1400, "synack_ttl": 60, "sack": 0, "timestamp": 1,
+                                 "ack_store_max": 2, "conn_reuse": 1, "conn_reuse_close": 1,
+                                 "conn_reuse_time_wait": 0, "conn_reuse_fin_wait": 1,
+                                 "conn_reuse_close_wait": 0, "conn_reuse_last_ack": 1}

@@ -5,8 +5,11 @@ generated packets (SYN and ACK to the real server, RSTs) are taken from the batc
 
 import struct
 
+import numpy as np
 from scapy.all import IP, TCP, Raw
 
+from control.synproxy_settings import SynproxySettings
+from dataplane import conntrack as CT
 from dataplane import consts as C
 from dataplane import synproxy as SP
 from dataplane import tables as T
@@ -257,3 +260,151 @@ def test_non_synproxy_service_unchanged():
     v, out, tx = one(cfg, wk, cli("S", 1000, options=OPTS))
     assert v == C.VERDICT_REWRITE and out.dst == RS3 and not tx
     assert wk.stats[C.STAT_SYNPROXY_COOKIE_SENT] == 0
+
+
+# --- held client segments (synproxy_ack_skb_store_thresh) ----------------------------------------
+
+def rs_synack(seq, ack, tsecr=101):
+    return IP(src=RS3, dst=CLIENT) / TCP(sport=80, dport=40000, flags="SA", seq=seq, ack=ack,
+                                         options=[("MSS", 1460), ("Timestamp", (5000, tsecr))])
+
+
+def test_up_to_ack_store_max_segments_held_and_released_in_order():
+    cfg, wk, _, _ = build(flags=C.SVC_F_SYNPROXY, dests=((RS3, 80, 1),))
+    assert cfg.sp_cfg[SP.SPC_ACK_STORE_MAX] == 3               # the patch's default
+    isn = 2**32 - 7                                             # the stream wraps while held
+    synack, syn = handshake(cfg, wk, isn)
+    cookie, tb = synack[TCP].seq, opts(synack)["Timestamp"][0]
+    ts = [("NOP", None), ("NOP", None), ("Timestamp", (102, tb))]
+    segs = [cli("PA", isn + 1 + 5 * k, cookie + 1, ts, b"seg-%d" % k) for k in range(3)]
+    segs.append(cli("FA", isn + 16, cookie + 1, ts))            # a 4th: one too many
+    for seg in segs + [segs[1], cli("A", isn + 16, cookie + 1, ts)]:   # a retransmission, a pure ACK
+        v, _, tx = one(cfg, wk, seg)
+        assert v == C.VERDICT_DROP and not tx
+    assert wk.stats[C.STAT_SYNPROXY_ACK_STORED] == 3
+    assert wk.stats[C.DROP_SYNPROXY_SYNSEND_QLEN] == 1 and wk.stats[C.DROP_SYNPROXY_SYN_SENT] == 2
+    rs_isn = 2**31
+    v, _, tx = one(cfg, wk, rs_synack(rs_isn, isn + 1))
+    assert v == C.VERDICT_DROP and len(tx) == 4
+    ack, held = tx[0], tx[1:]
+    assert ack[TCP].flags == "A" and ack[TCP].ack == rs_isn + 1
+    for k, h in enumerate(held):                                # in order, in the RS's spaces
+        assert valid(h) and (h.src, h.dst, h[TCP].sport, h[TCP].dport) == (CLIENT, RS3, 40000, 80)
+        assert h[TCP].seq == (isn + 1 + 5 * k) % 2**32 and h[TCP].ack == rs_isn + 1
+        assert opts(h)["Timestamp"] == (102, 5000) and bytes(h[TCP].payload) == b"seg-%d" % k
+    assert not wk.sp_wait_cid.any() and wk.conn[1]["state"] == C.IP_VS_TCP_S_ESTABLISHED
+    assert wk.svc_cnt[1, T.CNT_INPKTS] == 3
+
+
+def test_ack_store_max_zero_holds_nothing():
+    cfg, wk, _, _ = build(flags=C.SVC_F_SYNPROXY, dests=((RS3, 80, 1),))
+    cfg.sp_cfg[SP.SPC_ACK_STORE_MAX] = 0
+    synack, _ = handshake(cfg, wk, 1000)
+    one(cfg, wk, cli("PA", 1001, synack[TCP].seq + 1, data=b"x"))
+    assert wk.stats[C.DROP_SYNPROXY_SYNSEND_QLEN] == 1 and wk.stats[C.STAT_SYNPROXY_ACK_STORED] == 0
+    v, _, tx = one(cfg, wk, rs_synack(7, 1001))
+    assert [str(p[TCP].flags) for p in tx] == ["A"]
+
+
+def test_wait_slot_of_an_expired_connection_is_taken_over():
+    cfg, wk, _, _ = build(flags=C.SVC_F_SYNPROXY, dests=((RS3, 80, 1),), max_conns=4)
+    synack, _ = handshake(cfg, wk, 1000)
+    h = int(np.nonzero(wk.sp_wait_cid)[0][0])
+    CT.conn_free(wk, 1)                 # gone (say, expired) while still SYN_SENT
+    assert wk.sp_wait_cid[h] == 1       # stale until someone looks
+    synack, _ = handshake(cfg, wk, 2000, sport=40001)
+    assert wk.sp_wait_cid[h] == 1 and wk.conn[1]["cport"] == 40001 and wk.sp_hold_n[h] == 0
+    assert (wk.sp_wait_cid != 0).sum() == 1
+
+
+# --- connection reuse (synproxy_conn_reuse_*) ------------------------------------------------------
+
+def established(cfg, wk, isn, sport=40000, state=C.IP_VS_TCP_S_TIME_WAIT):
+    """A SYN-proxy connection through its handshake, then put in `state`."""
+    synack, _ = handshake(cfg, wk, isn, sport=sport)
+    one(cfg, wk, IP(src=RS3, dst=CLIENT) / TCP(sport=80, dport=sport, flags="SA", seq=7, ack=isn + 1))
+    cid = int(np.nonzero(wk.conn["flags"])[0][0])
+    CT.set_state(wk, cid, state)
+    return synack, cid
+
+
+def fresh_cookie(cfg, isn, sport=40000):
+    """A cookie SYN-ACK for a SYN that never met the worker under test (same secrets)."""
+    _, wk2, _, _ = build(flags=C.SVC_F_SYNPROXY, dests=((RS3, 80, 1),))
+    return one(cfg, wk2, cli("S", isn, options=OPTS, sport=sport))[1]
+
+
+def test_syn_on_a_time_wait_entry_gets_a_cookie_and_frees_it():
+    cfg, wk, _, _ = build(flags=C.SVC_F_SYNPROXY, dests=((RS3, 80, 1),))
+    established(cfg, wk, 1000)
+    v, out, tx = one(cfg, wk, cli("S", 5000, options=OPTS))
+    assert v == C.VERDICT_REWRITE and out[TCP].flags == "SA" and out.src == VIP and not tx
+    assert wk.stats[C.STAT_SYNPROXY_CONN_REUSED] == 1 and wk.ctl[T.CTL_N_CONNS] == 0
+    assert wk.stats[C.STAT_CONN_REUSED] == 0          # not conn_reuse_mode's rule
+
+
+def test_cookie_ack_on_a_reusable_entry_starts_a_new_connection():
+    cfg, wk, _, _ = build(flags=C.SVC_F_SYNPROXY, dests=((RS3, 80, 1),))
+    _, old = established(cfg, wk, 1000, state=C.IP_VS_TCP_S_CLOSE)
+    synack = fresh_cookie(cfg, 9000)
+    v, _, tx = one(cfg, wk, cli("A", 9001, synack[TCP].seq + 1))
+    assert v == C.VERDICT_DROP and len(tx) == 1
+    assert tx[0][TCP].flags == "S" and tx[0][TCP].seq == 9000 and tx[0].dst == RS3
+    assert wk.stats[C.STAT_SYNPROXY_CONN_REUSED] == 1 and wk.ctl[T.CTL_N_CONNS] == 1
+    cid = int(np.nonzero(wk.conn["flags"])[0][0])
+    assert wk.conn[cid]["state"] == C.IP_VS_TCP_S_SYN_SENT and wk.conn[cid]["aux"] == 9000
+
+
+def test_outside_the_reuse_states_the_old_connection_keeps_its_packets():
+    cfg, wk, _, _ = build(flags=C.SVC_F_SYNPROXY, dests=((RS3, 80, 1),))
+    _, cid = established(cfg, wk, 1000, state=C.IP_VS_TCP_S_FIN_WAIT)    # fin_wait: off by default
+    synack = fresh_cookie(cfg, 9000)
+    ack = cli("A", 9001, synack[TCP].seq + 1)
+    v, out, tx = one(cfg, wk, ack)
+    assert v == C.VERDICT_REWRITE and out.dst == RS3 and not tx        # the old connection's
+    assert wk.stats[C.STAT_SYNPROXY_CONN_REUSED] == 0 and wk.conn[cid]["flags"] != 0
+    # A forged ACK on a reusable entry is not a cookie: the old connection's too.
+    CT.set_state(wk, cid, C.IP_VS_TCP_S_TIME_WAIT)
+    v, out, _ = one(cfg, wk, cli("A", 9001, synack[TCP].seq + 99))
+    assert v == C.VERDICT_REWRITE and wk.stats[C.STAT_SYNPROXY_CONN_REUSED] == 0
+    # synproxy_conn_reuse_fin_wait on: the same cookie ACK now starts over.
+    CT.set_state(wk, cid, C.IP_VS_TCP_S_FIN_WAIT)
+    cfg.sp_cfg[:] = SynproxySettings(conn_reuse_fin_wait=True).as_array()
+    v, _, tx = one(cfg, wk, ack)
+    assert v == C.VERDICT_DROP and [str(p[TCP].flags) for p in tx] == ["S"]
+    assert wk.stats[C.STAT_SYNPROXY_CONN_REUSED] == 1
+    # conn_reuse off: a SYN on a TIME_WAIT entry is the old connection's.
+    cfg.sp_cfg[:] = SynproxySettings(conn_reuse=False).as_array()
+    cid = int(np.nonzero(wk.conn["flags"])[0][0])
+    CT.set_state(wk, cid, C.IP_VS_TCP_S_TIME_WAIT)
+    v, out, _ = one(cfg, wk, cli("S", 9000, sport=40000))
+    assert v == C.VERDICT_REWRITE and out.dst == RS3 and wk.stats[C.STAT_SYNPROXY_CONN_REUSED] == 1
+
+
+# --- SYN retries on a timer (sp_retry_scan) ---------------------------------------------------------
+
+def test_silent_rs_retried_by_the_scan_then_the_client_reset():
+    cfg, wk, _, _ = build(flags=C.SVC_F_SYNPROXY, dests=((RS3, 80, 1),))
+    cfg.sp_cfg[SP.SPC_SYN_RETRY] = 2
+    synack, syn = handshake(cfg, wk, 1000)
+    one(cfg, wk, cli("PA", 1001, synack[TCP].seq + 1, data=b"held"))   # held, then discarded
+    sent = []
+    for step in range(1, 41):            # empty batches, as the backends run while idle: 4 s
+        now = NOW + step * C.NS // 10
+        _, tx = run(cfg, wk, [], now)
+        sent += [(step, str(p[TCP].flags), p.dst, p[TCP].seq) for p in tx]
+    assert sent == [(10, "S", RS3, 1000), (20, "S", RS3, 1000),
+                    (30, "RA", CLIENT, (synack[TCP].seq + 1) % 2**32)]
+    assert wk.stats[C.STAT_SYNPROXY_RS_SYN_RETRY] == 2 and wk.stats[C.DROP_SYNPROXY_RS_RST] == 1
+    assert wk.ctl[T.CTL_N_CONNS] == 0 and not wk.sp_wait_cid.any()
+
+
+def test_retry_scan_is_rate_limited_and_frees_stale_slots():
+    cfg, wk, _, _ = build(flags=C.SVC_F_SYNPROXY, dests=((RS3, 80, 1),))
+    handshake(cfg, wk, 1000)
+    assert wk.ctl[T.CTL_SP_SCAN_NS] == NOW + C.NS // 10
+    CT.set_state(wk, 1, C.IP_VS_TCP_S_ESTABLISHED)              # no longer waiting
+    run(cfg, wk, [], NOW + C.NS // 20)                          # not due yet: nothing visited
+    assert wk.sp_wait_cid.any()
+    run(cfg, wk, [], NOW + C.NS // 10)
+    assert not wk.sp_wait_cid.any()
