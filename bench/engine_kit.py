@@ -47,13 +47,18 @@ def est_tuple(i):
     return (EST_NET + 1 + i // PORTS_PER_ADDR).astype(np.int64), (PORT_BASE + i % PORTS_PER_ADDR).astype(np.int64)
 
 
-def build_tables(max_conns, sched=C.SCHED_RR, flags=0):
-    """Config with one TCP NAT service VIP:80 -> RS:80 (rr; `flags` SVC_F_*) and an empty
-    worker."""
+# FULLNAT local addresses: 20 x 60,536 ports (the default range) hold a million connections.
+LADDRS = tuple(f"172.16.3.{i}" for i in range(1, 21))
+
+
+def build_tables(max_conns, sched=C.SCHED_RR, flags=0, fwd=C.FWD_MASQ):
+    """Config with one TCP service VIP:80 -> RS:80 (rr; `flags` SVC_F_*; NAT, or FULLNAT from
+    the LADDRS pool) and an empty worker."""
     cfg = T.new_config()
     wk = T.new_worker(max_conns=max_conns)
-    tw = TableWriter(cfg)
+    tw = TableWriter(cfg, on_new_laddr=lambda lid, _addr: T.init_laddr(wk, lid))
     tw.sync([ServiceSpec(proto=C.IPPROTO_TCP, addr=VIP, port=VPORT, sched=sched, flags=flags,
+                         fwd=fwd, laddrs=list(LADDRS) if fwd == C.FWD_FULLNAT else [],
                          dests=[DestSpec(a, VPORT, 1) for a in RS])])
     return cfg, wk
 
@@ -132,13 +137,16 @@ def checksums_ok(buf, off, n):
 
 @njit(**JIT)
 def lookup_dest(wk, saddr, daddr, sport, dport):
-    """(daddr, dport) the connection of a client -> VIP tuple rewrites to; (0, 0) if none."""
+    """(daddr, dport, laddr, lport) the connection of a client -> VIP tuple rewrites to (laddr
+    and lport are 0 for NAT); all 0 if none."""
     k0, k1 = CT.make_key(saddr, daddr, sport, dport, C.IPPROTO_TCP)
     v = CT.idx_lookup(wk, k0, k1)
     if v == 0:
-        return np.int64(0), np.int64(0)
+        return np.int64(0), np.int64(0), np.int64(0), np.int64(0)
     c = wk.conn[v >> 1]
-    return np.int64(c['daddr']), np.int64(c['dport'])
+    if c['flags'] & C.CONN_F_FULLNAT:
+        return np.int64(c['daddr']), np.int64(c['dport']), np.int64(c['laddr']), np.int64(c['lport'])
+    return np.int64(c['daddr']), np.int64(c['dport']), np.int64(0), np.int64(0)
 
 
 def prime(cfg, wk, n_conns, chunk=1 << 16):
@@ -249,6 +257,6 @@ def rss_bytes():
 def table_bytes(wk):
     """Bytes allocated by a worker's connection-related arrays, and their split."""
     conn = wk.conn.nbytes
-    idx = wk.idx_k0.nbytes + wk.idx_k1.nbytes + wk.idx_val.nbytes
+    idx = wk.idx.nbytes
     free = wk.free.nbytes
     return {"conn": conn, "index": idx, "free": free, "total": conn + idx + free}

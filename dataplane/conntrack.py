@@ -34,7 +34,8 @@ _M2 = np.uint64(0xC2B2AE3D27D4EB4F)
 _S32 = np.uint64(32)
 _S16 = np.uint64(16)
 _S29 = np.uint64(29)
-_ZERO = np.uint32(0)
+_ZERO64 = np.uint64(0)
+_VAL_SHIFT = np.uint64(T.IDX_VAL_SHIFT)
 
 
 @njit(**INLINE)
@@ -52,31 +53,38 @@ def _slot(k0, k1, mask):
     return np.int64(h >> _S32) & mask
 
 
+@njit(**INLINE)
+def idx_val_of(w1):
+    """The value packed in an index entry's second word (0: empty slot)."""
+    return np.int64(w1 >> _VAL_SHIFT)
+
+
 @njit(**JIT)
 def idx_lookup(wk, k0, k1):
     """Return idx_val (conn_id * 2 + dir) for the key, or 0."""
-    mask = len(wk.idx_val) - 1
+    idx = wk.idx
+    mask = len(idx) - 1
     i = _slot(k0, k1, mask)
     while True:
-        v = wk.idx_val[i]
-        if v == 0:
+        w1 = idx[i, 1]
+        if w1 == 0:
             return np.int64(0)
-        if wk.idx_k0[i] == k0 and wk.idx_k1[i] == k1:
-            return np.int64(v)
+        if idx[i, 0] == k0 and (w1 & T.IDX_KEY_MASK) == k1:
+            return idx_val_of(w1)
         i = (i + 1) & mask
 
 
 @njit(**JIT)
 def idx_insert(wk, k0, k1, val):
     """Insert or overwrite; the table is sized so it never fills (2 entries per conn, load <= 1/2)."""
-    mask = len(wk.idx_val) - 1
+    idx = wk.idx
+    mask = len(idx) - 1
     i = _slot(k0, k1, mask)
     while True:
-        v = wk.idx_val[i]
-        if v == 0 or (wk.idx_k0[i] == k0 and wk.idx_k1[i] == k1):
-            wk.idx_k0[i] = k0
-            wk.idx_k1[i] = k1
-            wk.idx_val[i] = np.uint32(val)
+        w1 = idx[i, 1]
+        if w1 == 0 or (idx[i, 0] == k0 and (w1 & T.IDX_KEY_MASK) == k1):
+            idx[i, 0] = k0
+            idx[i, 1] = k1 | (np.uint64(val) << _VAL_SHIFT)
             return
         i = (i + 1) & mask
 
@@ -85,25 +93,27 @@ def idx_insert(wk, k0, k1, val):
 def idx_delete(wk, k0, k1, val):
     """Delete the entry for key if it still points at val; backward-shift the probe chain so no
     tombstones accumulate (Knuth's algorithm R for linear probing)."""
-    mask = len(wk.idx_val) - 1
+    idx = wk.idx
+    mask = len(idx) - 1
     i = _slot(k0, k1, mask)
     while True:
-        v = wk.idx_val[i]
-        if v == 0:
+        w1 = idx[i, 1]
+        if w1 == 0:
             return
-        if wk.idx_k0[i] == k0 and wk.idx_k1[i] == k1:
-            if v != val:
+        if idx[i, 0] == k0 and (w1 & T.IDX_KEY_MASK) == k1:
+            if idx_val_of(w1) != val:
                 return      # the key was reused by a newer connection: leave it
             break
         i = (i + 1) & mask
     j = i
     while True:
-        wk.idx_val[i] = _ZERO
+        idx[i, 1] = _ZERO64
         while True:
             j = (j + 1) & mask
-            if wk.idx_val[j] == 0:
+            w1 = idx[j, 1]
+            if w1 == 0:
                 return
-            home = _slot(wk.idx_k0[j], wk.idx_k1[j], mask)
+            home = _slot(idx[j, 0], w1 & T.IDX_KEY_MASK, mask)
             # Move j back to i unless its home lies cyclically in (i, j].
             if i <= j:
                 if i < home <= j:
@@ -112,9 +122,8 @@ def idx_delete(wk, k0, k1, val):
                 if home <= j or home > i:
                     continue
             break
-        wk.idx_k0[i] = wk.idx_k0[j]
-        wk.idx_k1[i] = wk.idx_k1[j]
-        wk.idx_val[i] = wk.idx_val[j]
+        idx[i, 0] = idx[j, 0]
+        idx[i, 1] = idx[j, 1]
         i = j
 
 

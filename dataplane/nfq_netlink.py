@@ -79,6 +79,7 @@ from numba.core.caching import FunctionCache
 
 from dataplane import consts as C
 from dataplane import tables as T
+from dataplane.borrow import borrow
 from dataplane.csum import JIT
 
 # Numba options: the project's one constant (cache=True, nogil=True).
@@ -604,6 +605,13 @@ def make_loop(process_batch):
                   cap, mark, verdict, bad_id, cnt, vbuf, tx_mm, tx_iov, tx_sin, ts, nlq,
                   max_batches, budget_ns, batch_verdict):
         """Returns (packets, RET_*, errno)."""
+        # Borrowed for the loop's life (dataplane/borrow.py): the caller holds the arrays, and
+        # each per-batch call would otherwise pay two atomics per array passed.
+        cfg = borrow(cfg)
+        wk = borrow(wk)
+        tx = borrow(tx)
+        rx, pkt_id, off, length, cap, mark, verdict, bad_id, cnt, vbuf, nlq = borrow(
+            (rx, pkt_id, off, length, cap, mark, verdict, bad_id, cnt, vbuf, nlq))
         total = 0
         t0 = _now_ns(ts)
         n_slots = rx_mm.size

@@ -25,8 +25,9 @@ from dataplane import nat as N
 from dataplane import parse as P
 from dataplane import synproxy as SP
 from dataplane import tables as T
+from dataplane.borrow import borrow
 from dataplane.csum import JIT, csum_replace2, csum_replace4, rd16, rd32, wr16, wr32
-from dataplane.prefetch import prefetch
+from dataplane.prefetch import prefetch, prefetch_row
 from dataplane.sched import schedule
 
 SWEEP_PER_PACKET = 2
@@ -847,14 +848,17 @@ def process_batch(cfg, wk, buf, off, length, cap, mark, verdict, n, now_ns, tx):
     The established-connection path is written out here, in one function body, on purpose:
     every numba call that passes arrays and branches inside costs NRT reference counting that
     LLVM cannot prune (about 150 ns per call on the reference machine, more than the whole
-    packet). Everything rarer (new connections, ICMP, fragments, bad packets) calls out.
+    packet). Everything rarer (new connections, ICMP, fragments, bad packets) calls out, with
+    the tables borrowed (dataplane/borrow.py): otherwise each call that takes the Worker pays
+    an atomic increment and decrement per array in it, about a microsecond.
     """
+    cfg = borrow(cfg)
+    wk = borrow(wk)
+    tx = borrow(tx)
     p = np.zeros(P.N_P, np.int64)
     q = np.zeros(P.N_P, np.int64)
     conn = wk.conn
-    idx_k0 = wk.idx_k0
-    idx_k1 = wk.idx_k1
-    idx_val = wk.idx_val
+    idx = wk.idx
     stats = wk.stats
     active = wk.active
     inactive = wk.inactive
@@ -862,7 +866,7 @@ def process_batch(cfg, wk, buf, off, length, cap, mark, verdict, n, now_ns, tx):
     dest_cnt = wk.dest_cnt
     timeouts = cfg.timeouts_ns
     sp_reuse = cfg.sp_cfg[SP.SPC_REUSE_STATES]
-    mask = len(idx_val) - 1
+    mask = len(idx) - 1
     # Pass 1: start loading every packet's index slot, so the cache misses of a large table
     # overlap (a guess from fixed offsets: a packet that is not plain TCP/UDP wastes one).
     for i in range(n):
@@ -874,9 +878,27 @@ def process_batch(cfg, wk, buf, off, length, cap, mark, verdict, n, now_ns, tx):
                                      rd16(buf, o + ihl), rd16(buf, o + ihl + 2),
                                      np.int64(buf[o + P.IP_PROTOCOL]))
                 j = CT._slot(k0, k1, mask)
-                prefetch(idx_val, j)
-                prefetch(idx_k0, j)
-                prefetch(idx_k1, j)
+                prefetch(idx, j)
+    # Pass 2: find each packet's connection (its slot is in flight from pass 1) and start
+    # loading its row, which pass 3 reads. The lookup is repeated there: a packet earlier in
+    # the batch may create or free connections, so nothing found here is trusted later.
+    for i in range(n):
+        o = off[i]
+        if length[i] >= 28:
+            ihl = (np.int64(buf[o]) & 0xF) * 4
+            if np.int64(length[i]) >= ihl + 4:
+                k0, k1 = CT.make_key(rd32(buf, o + P.IP_SADDR), rd32(buf, o + P.IP_DADDR),
+                                     rd16(buf, o + ihl), rd16(buf, o + ihl + 2),
+                                     np.int64(buf[o + P.IP_PROTOCOL]))
+                j = CT._slot(k0, k1, mask)
+                while True:
+                    w1 = idx[j, 1]
+                    if w1 == 0:
+                        break
+                    if idx[j, 0] == k0 and (w1 & T.IDX_KEY_MASK) == k1:
+                        prefetch_row(conn, CT.idx_val_of(w1) >> 1)
+                        break
+                    j = (j + 1) & mask
     for i in range(n):
         stats[C.STAT_PKTS] += 1
         o = off[i]
@@ -920,11 +942,11 @@ def process_batch(cfg, wk, buf, off, length, cap, mark, verdict, n, now_ns, tx):
         j = CT._slot(k0, k1, mask)
         val = np.int64(0)
         while True:
-            v = idx_val[j]
-            if v == 0:
+            w1 = idx[j, 1]
+            if w1 == 0:
                 break
-            if idx_k0[j] == k0 and idx_k1[j] == k1:
-                val = np.int64(v)
+            if idx[j, 0] == k0 and (w1 & T.IDX_KEY_MASK) == k1:
+                val = CT.idx_val_of(w1)
                 break
             j = (j + 1) & mask
         if val != 0:

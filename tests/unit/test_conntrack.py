@@ -36,7 +36,7 @@ def test_index_matches_dict(ops):
             assert CT.idx_lookup(wk, *_key(*rk)) == rv
         if not insert:
             assert CT.idx_lookup(wk, k0, k1) == ref.get(key, 0)
-    assert int(np.count_nonzero(wk.idx_val)) == len(ref)
+    assert int(np.count_nonzero(T.idx_vals(wk))) == len(ref)
 
 
 def test_delete_keeps_newer_entry():
@@ -72,7 +72,7 @@ def test_table_full_then_expiry_frees():
     freed = CT.sweep(wk, cfg, now + 3 * C.NS, 100)
     assert freed == 8
     assert wk.ctl[T.CTL_N_CONNS] == 0 and wk.active[1] == 0
-    assert int(np.count_nonzero(wk.idx_val)) == 0
+    assert int(np.count_nonzero(T.idx_vals(wk))) == 0
     assert CT.conn_new(wk, cfg, 1, 1, 6, 0x0A000001, 2000, 0xAC100164, 80, now, 0, 0, 0) != 0
 
 

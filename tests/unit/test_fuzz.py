@@ -23,9 +23,9 @@ def check_invariants(wk):
     assert n_free + len(live) == len(wk.conn) - 1
     assert wk.ctl[T.CTL_N_CONNS] == len(live)
     entries = {}
-    for j in np.nonzero(wk.idx_val)[0]:
-        v = int(wk.idx_val[j])
-        entries[v] = (np.uint64(wk.idx_k0[j]), np.uint64(wk.idx_k1[j]))
+    vals = T.idx_vals(wk)
+    for j in np.nonzero(vals)[0]:
+        entries[int(vals[j])] = (np.uint64(wk.idx[j, 0]), np.uint64(wk.idx[j, 1]) & T.IDX_KEY_MASK)
     expected = 0
     active = np.zeros_like(wk.active)
     inactive = np.zeros_like(wk.inactive)
