@@ -476,6 +476,21 @@ def synproxy_miss(cfg, wk, buf, o, plen, cap, svc_id, tflags, now_ns, tx):
         if n < 0:
             wk.stats[C.DROP_MALFORMED] += 1
             return C.VERDICT_DROP, plen
+        # FULLNAT: leave room for what the client's first segment gains on its way (TOA, the
+        # PROXY header), as fnat_packet does on the RS's SYN-ACK; the cookie keeps the full MSS
+        # (it becomes the SYN's to the RS: what the RS may send).
+        sflags = np.int64(cfg.svc[svc_id]['flags'])
+        reduce = np.int64(FN.TCPOLEN_TOA) if sflags & C.SVC_F_TOA else np.int64(0)
+        if sflags & C.SVC_F_PROXY_V1:
+            reduce += FN.proxy_v1_header(wk.scratch, rd32(buf, o + P.IP_DADDR), rd16(buf, l4 + 2),
+                                         rd32(buf, o + P.IP_SADDR), rd16(buf, l4))
+        elif sflags & C.SVC_F_PROXY_V2:
+            reduce += FN.PP_V2_LEN_TCP4
+        if reduce > 0:
+            doff = (np.int64(buf[l4 + P.TCP_DOFF]) >> 4) * 4
+            mss = FN.tcp_get_mss(buf, l4, doff)
+            if mss > reduce:
+                FN.tcp_set_mss(buf, o, l4, doff, mss - reduce)
         wk.stats[C.STAT_SYNPROXY_COOKIE_SENT] += 1
         return C.VERDICT_REWRITE, n
     if (tflags & (C.TH_SYN | C.TH_ACK | C.TH_RST)) != C.TH_ACK:

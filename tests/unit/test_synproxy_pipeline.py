@@ -257,3 +257,41 @@ def test_non_synproxy_service_unchanged():
     v, out, tx = one(cfg, wk, cli("S", 1000, options=OPTS))
     assert v == C.VERDICT_REWRITE and out.dst == RS3 and not tx
     assert wk.stats[C.STAT_SYNPROXY_COOKIE_SENT] == 0
+
+
+def test_fullnat_synack_mss_leaves_room_for_toa_and_proxy_header():
+    """The cookie SYN-ACK tells the client how much the balancer takes per segment; on the way
+    to the RS the client's first segment gains TOA (8) and the PROXY header, so the MSS offered
+    is lowered by both (as fnat_packet lowers the RS's SYN-ACK without SYN-proxy). Bug: it was
+    min(client MSS, synproxy_init_mss) alone, so a full-size first segment became 1520 bytes,
+    over the 1500-byte MTU towards the RS: DF, dropped at every retransmission, the upload
+    stalled. The cookie (hence the SYN to the RS: what the RS may send) keeps the full MSS."""
+    cfg, wk, _, _ = fnat(flags=C.SVC_F_SYNPROXY | C.SVC_F_TOA | C.SVC_F_PROXY_V2)
+    isn = 5000
+    synack, syn = handshake(cfg, wk, isn)
+    assert valid(synack) and opts(synack)["MSS"] == 1452 - 8 - 28
+    assert opts(syn)["MSS"] == 1452
+    laddr, lport, s0 = syn.src, syn[TCP].sport, syn[TCP].seq
+    cookie, tb = synack[TCP].seq, opts(synack)["Timestamp"][0]
+    v, _, tx = one(cfg, wk, IP(src=RS3, dst=laddr) / TCP(sport=80, dport=lport, flags="SA", seq=7,
+                                                         ack=(s0 + 1) % 2**32, options=[("MSS", 1460)]))
+    assert v == C.VERDICT_DROP and len(tx) == 1
+    # A full-size first segment as Linux sends it: MSS minus the 12 bytes of TS option.
+    data = bytes(range(256)) * 6
+    data = data[:opts(synack)["MSS"] - 12]
+    first = cli("A", isn + 1, cookie + 1, [("NOP", None), ("NOP", None), ("Timestamp", (102, tb))],
+                data)
+    assert len(first) == 20 + opts(synack)["MSS"] + 20
+    v, out, _ = one(cfg, wk, first)
+    assert v == C.VERDICT_REWRITE and valid(out) and len(out) <= 1500
+    payload = bytes(out[TCP].payload)
+    assert payload[:12] == b"\r\n\r\n\x00\r\nQUIT\n" and payload[28:] == data
+    assert bytes(out[TCP])[20:22] == b"\xfe\x08"                       # TOA first
+    # PROXY v1: lowered by the header this client's tuple gives, TOA off: nothing else.
+    cfg, wk, _, _ = fnat(flags=C.SVC_F_SYNPROXY | C.SVC_F_PROXY_V1)
+    v, synack, _ = one(cfg, wk, cli("S", isn, options=OPTS))
+    assert opts(synack)["MSS"] == 1452 - len(f"PROXY TCP4 {CLIENT} {VIP} 40000 80\r\n")
+    # NAT: nothing is inserted, the MSS stays.
+    cfg, wk, _, _ = build(flags=C.SVC_F_SYNPROXY)
+    v, synack, _ = one(cfg, wk, cli("S", isn, options=OPTS))
+    assert opts(synack)["MSS"] == 1452
