@@ -704,10 +704,14 @@ def synproxy_conn(cfg, wk, buf, o, plen, cap, l4, direction, cid, tflags, now_ns
         ihl = np.int64(l4 - o)
         doff = (np.int64(buf[l4 + P.TCP_DOFF]) >> 4) * 4
         if rd16(buf, o + P.IP_TOT_LEN) - ihl - doff <= 0 and (tflags & (C.TH_SYN | C.TH_FIN | C.TH_RST)) == 0:
+            # Duplicate ACKs with SACK blocks are loss recovery (each reports a new segment
+            # received after a hole, a window's worth of them), not a storm: not counted.
+            thresh = cfg.sp_cfg[SP.SPC_ACK_STORM_THRESH]
+            if doff > 20 and FN.tcp_find_option(buf, l4, doff, FN.TCPOPT_SACK) >= 0:
+                thresh = np.int64(0)
             drop, ls, la, dc = SP.ack_storm(rd32(buf, l4 + P.TCP_SEQ), rd32(buf, l4 + P.TCP_ACK),
                                             np.int64(c['sp_last_seq']), np.int64(c['sp_last_ack']),
-                                            np.int64(c['sp_dup_acks']),
-                                            cfg.sp_cfg[SP.SPC_ACK_STORM_THRESH])
+                                            np.int64(c['sp_dup_acks']), thresh)
             c['sp_last_seq'] = ls
             c['sp_last_ack'] = la
             c['sp_dup_acks'] = min(dc, 255)

@@ -199,6 +199,32 @@ def test_ack_storm_from_rs_is_cut():
     assert wk.stats[C.DROP_SYNPROXY_ACK_STORM] == 2
 
 
+def test_sack_duplicate_acks_from_rs_are_loss_recovery_not_a_storm():
+    """A receiving RS answers every segment after a hole with a duplicate ACK: same (seq, ack),
+    a new SACK block each. Bug: counted as an ACK storm from the 10th on and dropped, so the
+    client lost the SACK information of a large window's recovery (a 50 MB upload with 1 %
+    loss dropped a few per lost segment). Segments carrying SACK are now not counted; a run of
+    identical ACKs without them is still cut."""
+    cfg, wk, _, _ = build(flags=C.SVC_F_SYNPROXY, dests=((RS3, 80, 1),))
+    synack, syn = handshake(cfg, wk, 1000)
+    cookie = synack[TCP].seq
+    one(cfg, wk, IP(src=RS3, dst=CLIENT) / TCP(sport=80, dport=40000, flags="SA", seq=7, ack=1001))
+    sacked = []
+    for k in range(30):
+        blk = (1001 + 1448 * (k + 2), 1001 + 1448 * (k + 3))
+        dup = IP(src=RS3, dst=CLIENT) / TCP(sport=80, dport=40000, flags="A", seq=8, ack=1001,
+                                            options=[("NOP", None), ("NOP", None),
+                                                     ("SAck", (1001 + 1448, blk[1]))])
+        v, out, _ = one(cfg, wk, dup)
+        assert v == C.VERDICT_REWRITE and valid(out) and out[TCP].seq == (cookie + 1) % 2**32
+        sacked.append(opts(out)["SAck"])
+    assert wk.stats[C.DROP_SYNPROXY_ACK_STORM] == 0
+    assert sacked[-1] == (1001 + 1448, 1001 + 1448 * 32)       # the client's space: unchanged
+    plain = IP(src=RS3, dst=CLIENT) / TCP(sport=80, dport=40000, flags="A", seq=8, ack=1001)
+    verdicts = [one(cfg, wk, plain)[0] for _ in range(12)]
+    assert verdicts == [C.VERDICT_REWRITE] * 10 + [C.VERDICT_DROP] * 2
+
+
 def fnat(**kw):
     return build(fwd=C.FWD_FULLNAT, laddrs=LADDRS, **kw)
 
