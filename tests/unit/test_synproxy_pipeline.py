@@ -299,8 +299,9 @@ def test_fullnat_synack_mss_leaves_room_for_toa_and_proxy_header():
     assert opts(syn)["MSS"] == 1452
     laddr, lport, s0 = syn.src, syn[TCP].sport, syn[TCP].seq
     cookie, tb = synack[TCP].seq, opts(synack)["Timestamp"][0]
-    v, _, tx = one(cfg, wk, IP(src=RS3, dst=laddr) / TCP(sport=80, dport=lport, flags="SA", seq=7,
-                                                         ack=(s0 + 1) % 2**32, options=[("MSS", 1460)]))
+    rs_synack = IP(src=RS3, dst=laddr) / TCP(sport=80, dport=lport, flags="SA", seq=7,
+                                             ack=(s0 + 1) % 2**32, options=[("MSS", 1460)])
+    v, _, tx = one(cfg, wk, rs_synack)
     assert v == C.VERDICT_DROP and len(tx) == 1
     # A full-size first segment as Linux sends it: MSS minus the 12 bytes of TS option.
     data = bytes(range(256)) * 6
@@ -321,3 +322,67 @@ def test_fullnat_synack_mss_leaves_room_for_toa_and_proxy_header():
     cfg, wk, _, _ = build(flags=C.SVC_F_SYNPROXY)
     v, synack, _ = one(cfg, wk, cli("S", isn, options=OPTS))
     assert opts(synack)["MSS"] == 1452
+
+
+def test_fullnat_proxy_v2_retransmissions_and_sack_both_ways():
+    """SYN-proxy + FULLNAT + PROXY v2 under loss: the stream start is retransmitted with the
+    header until the RS acknowledges it, and without it afterwards; SACK blocks (and a D-SACK)
+    cross both ways shifted by the right delta, the RS's retransmitted data lands on the same
+    client sequence numbers. (The e2e twin: tests/netns/test_synproxy_loss_e2e.py.)"""
+    cfg, wk, _, _ = fnat(flags=C.SVC_F_SYNPROXY | C.SVC_F_PROXY_V2)
+    isn, rs_isn = 2**32 - 50, 2**32 - 10            # both streams wrap
+    synack, syn = handshake(cfg, wk, isn)
+    cookie, tb = synack[TCP].seq, opts(synack)["Timestamp"][0]
+    laddr, lport, s0 = syn.src, syn[TCP].sport, syn[TCP].seq
+    one(cfg, wk, IP(src=RS3, dst=laddr) / TCP(sport=80, dport=lport, flags="SA", seq=rs_isn,
+                                              ack=(s0 + 1) % 2**32))
+    ts = [("NOP", None), ("NOP", None), ("Timestamp", (200, tb))]
+    a, b = b"A" * 100, b"B" * 100
+
+    def client(seq, data=b"", flags="PA", options=ts):
+        v, out, _ = one(cfg, wk, cli(flags, seq, cookie + 1, options, data))
+        assert v == C.VERDICT_REWRITE and valid(out)
+        assert (out.src, out.dst, out[TCP].sport, out[TCP].dport) == (laddr, RS3, lport, 80)
+        return out
+
+    def rs(seq, ack, sack=None, data=b""):
+        o = [("NOP", None), ("NOP", None), ("SAck", tuple(x % 2**32 for x in sack))] if sack else []
+        p = IP(src=RS3, dst=laddr) / TCP(sport=80, dport=lport, flags="PA" if data else "A",
+                                         seq=seq % 2**32, ack=ack % 2**32, options=o)
+        v, out, _ = one(cfg, wk, p / Raw(data) if data else p)
+        assert v == C.VERDICT_REWRITE and valid(out)
+        assert (out.src, out.dst, out[TCP].sport, out[TCP].dport) == (VIP, CLIENT, 80, 40000)
+        return out
+
+    hdr = b"\r\n\r\n\x00\r\nQUIT\n"
+    out = client(isn + 1, a)                        # lost after the balancer
+    assert out[TCP].seq == (s0 + 1) % 2**32 and bytes(out[TCP].payload)[:12] == hdr
+    out = client(isn + 101, b)
+    assert out[TCP].seq == (s0 + 1 + 28 + 100) % 2**32 and bytes(out[TCP].payload) == b
+    # The RS has B only: a duplicate ACK of its ISN + 1 with B SACKed, in the client's space.
+    back = rs(rs_isn + 1, s0 + 1, sack=(s0 + 129, s0 + 229))
+    assert back[TCP].ack == (isn + 1) % 2**32 and back[TCP].seq == (cookie + 1) % 2**32
+    assert opts(back)["SAck"] == ((isn + 101) % 2**32, (isn + 201) % 2**32)
+    out = client(isn + 1, a)                        # retransmitted: the header again
+    payload = bytes(out[TCP].payload)
+    assert out[TCP].seq == (s0 + 1) % 2**32 and payload[:16] == hdr + b"\x21\x11\x00\x0c"
+    assert payload[28:] == a and out[TCP].ack == (rs_isn + 1) % 2**32
+    back = rs(rs_isn + 1, s0 + 229)
+    assert back[TCP].ack == (isn + 201) % 2**32
+    assert wk.conn[1]["flags"] & C.CONN_F_PP_ACKED
+    # A spurious retransmission now goes without the header, at the shifted sequence; the RS's
+    # D-SACK for it comes back naming the client's bytes.
+    out = client(isn + 1, a)
+    assert out[TCP].seq == (s0 + 29) % 2**32 and bytes(out[TCP].payload) == a
+    back = rs(rs_isn + 1, s0 + 229, sack=(s0 + 29, s0 + 129))
+    assert opts(back)["SAck"] == ((isn + 1) % 2**32, (isn + 101) % 2**32)
+    # RS -> client data and its retransmission: the same client sequence numbers, and the
+    # client's SACK of the second segment reaches the RS in its own space.
+    first = rs(rs_isn + 1, s0 + 229, data=b"x" * 50)
+    again = rs(rs_isn + 1, s0 + 229, data=b"x" * 50)
+    assert first[TCP].seq == again[TCP].seq == (cookie + 1) % 2**32
+    sack = ((cookie + 51) % 2**32, (cookie + 101) % 2**32)
+    out = client(isn + 201, flags="A", options=[("NOP", None), ("NOP", None), ("SAck", sack)])
+    assert out[TCP].ack == (rs_isn + 1) % 2**32
+    assert opts(out)["SAck"] == ((rs_isn + 51) % 2**32, (rs_isn + 101) % 2**32)
+    assert wk.stats[C.DROP_TOO_BIG] == 0 and wk.stats[C.DROP_SYNPROXY_ACK_STORM] == 0
