@@ -596,6 +596,21 @@ def synproxy_miss(cfg, wk, buf, o, plen, cap, svc_id, tflags, now_ns, tx):
         if n < 0:
             wk.stats[C.DROP_MALFORMED] += 1
             return C.VERDICT_DROP, plen
+        # FULLNAT: leave room for what the client's first segment gains on its way (TOA, the
+        # PROXY header), as fnat_packet does on the RS's SYN-ACK; the cookie keeps the full MSS
+        # (it becomes the SYN's to the RS: what the RS may send).
+        sflags = np.int64(cfg.svc[svc_id]['flags'])
+        reduce = np.int64(FN.TCPOLEN_TOA) if sflags & C.SVC_F_TOA else np.int64(0)
+        if sflags & C.SVC_F_PROXY_V1:
+            reduce += FN.proxy_v1_header(wk.scratch, rd32(buf, o + P.IP_DADDR), rd16(buf, l4 + 2),
+                                         rd32(buf, o + P.IP_SADDR), rd16(buf, l4))
+        elif sflags & C.SVC_F_PROXY_V2:
+            reduce += FN.PP_V2_LEN_TCP4
+        if reduce > 0:
+            doff = (np.int64(buf[l4 + P.TCP_DOFF]) >> 4) * 4
+            mss = FN.tcp_get_mss(buf, l4, doff)
+            if mss > reduce:
+                FN.tcp_set_mss(buf, o, l4, doff, mss - reduce)
         wk.stats[C.STAT_SYNPROXY_COOKIE_SENT] += 1
         return C.VERDICT_REWRITE, n
     if (tflags & (C.TH_SYN | C.TH_ACK | C.TH_RST)) != C.TH_ACK:
@@ -811,10 +826,14 @@ def synproxy_conn(cfg, wk, buf, o, plen, cap, l4, direction, cid, tflags, now_ns
         ihl = np.int64(l4 - o)
         doff = (np.int64(buf[l4 + P.TCP_DOFF]) >> 4) * 4
         if rd16(buf, o + P.IP_TOT_LEN) - ihl - doff <= 0 and (tflags & (C.TH_SYN | C.TH_FIN | C.TH_RST)) == 0:
+            # Duplicate ACKs with SACK blocks are loss recovery (each reports a new segment
+            # received after a hole, a window's worth of them), not a storm: not counted.
+            thresh = cfg.sp_cfg[SP.SPC_ACK_STORM_THRESH]
+            if doff > 20 and FN.tcp_find_option(buf, l4, doff, FN.TCPOPT_SACK) >= 0:
+                thresh = np.int64(0)
             drop, ls, la, dc = SP.ack_storm(rd32(buf, l4 + P.TCP_SEQ), rd32(buf, l4 + P.TCP_ACK),
                                             np.int64(c['sp_last_seq']), np.int64(c['sp_last_ack']),
-                                            np.int64(c['sp_dup_acks']),
-                                            cfg.sp_cfg[SP.SPC_ACK_STORM_THRESH])
+                                            np.int64(c['sp_dup_acks']), thresh)
             c['sp_last_seq'] = ls
             c['sp_last_ack'] = la
             c['sp_dup_acks'] = min(dc, 255)

@@ -701,8 +701,9 @@ def ack_storm(seq, ack, last_seq, last_ack, dup_count, thresh):
     """syn_proxy_is_ack_storm for one RS -> client segment with ACK set (raw seq/ack, before
     translation): returns (drop, last_seq, last_ack, dup_count) to store back. A run of
     `thresh` or more segments repeating the same (seq, ack) is dropped (counted
-    DROP_SYNPROXY_ACK_STORM); thresh 0 disables. As in the patch this also counts the duplicate
-    ACKs of loss recovery once past the threshold: keep it well above 3."""
+    DROP_SYNPROXY_ACK_STORM); thresh 0 disables. The pipeline passes 0 for segments carrying
+    SACK blocks (the duplicate ACKs of loss recovery, one per segment received after a hole);
+    as in the patch, recovery's duplicate ACKs without SACK are counted: keep it well above 3."""
     if thresh <= 0:
         return False, last_seq, last_ack, dup_count
     if seq == last_seq and ack == last_ack:

@@ -202,6 +202,32 @@ def test_ack_storm_from_rs_is_cut():
     assert wk.stats[C.DROP_SYNPROXY_ACK_STORM] == 2
 
 
+def test_sack_duplicate_acks_from_rs_are_loss_recovery_not_a_storm():
+    """A receiving RS answers every segment after a hole with a duplicate ACK: same (seq, ack),
+    a new SACK block each. Bug: counted as an ACK storm from the 10th on and dropped, so the
+    client lost the SACK information of a large window's recovery (a 50 MB upload with 1 %
+    loss dropped a few per lost segment). Segments carrying SACK are now not counted; a run of
+    identical ACKs without them is still cut."""
+    cfg, wk, _, _ = build(flags=C.SVC_F_SYNPROXY, dests=((RS3, 80, 1),))
+    synack, syn = handshake(cfg, wk, 1000)
+    cookie = synack[TCP].seq
+    one(cfg, wk, IP(src=RS3, dst=CLIENT) / TCP(sport=80, dport=40000, flags="SA", seq=7, ack=1001))
+    sacked = []
+    for k in range(30):
+        blk = (1001 + 1448 * (k + 2), 1001 + 1448 * (k + 3))
+        dup = IP(src=RS3, dst=CLIENT) / TCP(sport=80, dport=40000, flags="A", seq=8, ack=1001,
+                                            options=[("NOP", None), ("NOP", None),
+                                                     ("SAck", (1001 + 1448, blk[1]))])
+        v, out, _ = one(cfg, wk, dup)
+        assert v == C.VERDICT_REWRITE and valid(out) and out[TCP].seq == (cookie + 1) % 2**32
+        sacked.append(opts(out)["SAck"])
+    assert wk.stats[C.DROP_SYNPROXY_ACK_STORM] == 0
+    assert sacked[-1] == (1001 + 1448, 1001 + 1448 * 32)       # the client's space: unchanged
+    plain = IP(src=RS3, dst=CLIENT) / TCP(sport=80, dport=40000, flags="A", seq=8, ack=1001)
+    verdicts = [one(cfg, wk, plain)[0] for _ in range(12)]
+    assert verdicts == [C.VERDICT_REWRITE] * 10 + [C.VERDICT_DROP] * 2
+
+
 def fnat(**kw):
     return build(fwd=C.FWD_FULLNAT, laddrs=LADDRS, **kw)
 
@@ -408,3 +434,106 @@ def test_retry_scan_is_rate_limited_and_frees_stale_slots():
     assert wk.sp_wait_cid.any()
     run(cfg, wk, [], NOW + C.NS // 10)
     assert not wk.sp_wait_cid.any()
+
+
+def test_fullnat_synack_mss_leaves_room_for_toa_and_proxy_header():
+    """The cookie SYN-ACK tells the client how much the balancer takes per segment; on the way
+    to the RS the client's first segment gains TOA (8) and the PROXY header, so the MSS offered
+    is lowered by both (as fnat_packet lowers the RS's SYN-ACK without SYN-proxy). Bug: it was
+    min(client MSS, synproxy_init_mss) alone, so a full-size first segment became 1520 bytes,
+    over the 1500-byte MTU towards the RS: DF, dropped at every retransmission, the upload
+    stalled. The cookie (hence the SYN to the RS: what the RS may send) keeps the full MSS."""
+    cfg, wk, _, _ = fnat(flags=C.SVC_F_SYNPROXY | C.SVC_F_TOA | C.SVC_F_PROXY_V2)
+    isn = 5000
+    synack, syn = handshake(cfg, wk, isn)
+    assert valid(synack) and opts(synack)["MSS"] == 1452 - 8 - 28
+    assert opts(syn)["MSS"] == 1452
+    laddr, lport, s0 = syn.src, syn[TCP].sport, syn[TCP].seq
+    cookie, tb = synack[TCP].seq, opts(synack)["Timestamp"][0]
+    rs_synack = IP(src=RS3, dst=laddr) / TCP(sport=80, dport=lport, flags="SA", seq=7,
+                                             ack=(s0 + 1) % 2**32, options=[("MSS", 1460)])
+    v, _, tx = one(cfg, wk, rs_synack)
+    assert v == C.VERDICT_DROP and len(tx) == 1
+    # A full-size first segment as Linux sends it: MSS minus the 12 bytes of TS option.
+    data = bytes(range(256)) * 6
+    data = data[:opts(synack)["MSS"] - 12]
+    first = cli("A", isn + 1, cookie + 1, [("NOP", None), ("NOP", None), ("Timestamp", (102, tb))],
+                data)
+    assert len(first) == 20 + opts(synack)["MSS"] + 20
+    v, out, _ = one(cfg, wk, first)
+    assert v == C.VERDICT_REWRITE and valid(out) and len(out) <= 1500
+    payload = bytes(out[TCP].payload)
+    assert payload[:12] == b"\r\n\r\n\x00\r\nQUIT\n" and payload[28:] == data
+    assert bytes(out[TCP])[20:22] == b"\xfe\x08"                       # TOA first
+    # PROXY v1: lowered by the header this client's tuple gives, TOA off: nothing else.
+    cfg, wk, _, _ = fnat(flags=C.SVC_F_SYNPROXY | C.SVC_F_PROXY_V1)
+    v, synack, _ = one(cfg, wk, cli("S", isn, options=OPTS))
+    assert opts(synack)["MSS"] == 1452 - len(f"PROXY TCP4 {CLIENT} {VIP} 40000 80\r\n")
+    # NAT: nothing is inserted, the MSS stays.
+    cfg, wk, _, _ = build(flags=C.SVC_F_SYNPROXY)
+    v, synack, _ = one(cfg, wk, cli("S", isn, options=OPTS))
+    assert opts(synack)["MSS"] == 1452
+
+
+def test_fullnat_proxy_v2_retransmissions_and_sack_both_ways():
+    """SYN-proxy + FULLNAT + PROXY v2 under loss: the stream start is retransmitted with the
+    header until the RS acknowledges it, and without it afterwards; SACK blocks (and a D-SACK)
+    cross both ways shifted by the right delta, the RS's retransmitted data lands on the same
+    client sequence numbers. (The e2e twin: tests/netns/test_synproxy_loss_e2e.py.)"""
+    cfg, wk, _, _ = fnat(flags=C.SVC_F_SYNPROXY | C.SVC_F_PROXY_V2)
+    isn, rs_isn = 2**32 - 50, 2**32 - 10            # both streams wrap
+    synack, syn = handshake(cfg, wk, isn)
+    cookie, tb = synack[TCP].seq, opts(synack)["Timestamp"][0]
+    laddr, lport, s0 = syn.src, syn[TCP].sport, syn[TCP].seq
+    one(cfg, wk, IP(src=RS3, dst=laddr) / TCP(sport=80, dport=lport, flags="SA", seq=rs_isn,
+                                              ack=(s0 + 1) % 2**32))
+    ts = [("NOP", None), ("NOP", None), ("Timestamp", (200, tb))]
+    a, b = b"A" * 100, b"B" * 100
+
+    def client(seq, data=b"", flags="PA", options=ts):
+        v, out, _ = one(cfg, wk, cli(flags, seq, cookie + 1, options, data))
+        assert v == C.VERDICT_REWRITE and valid(out)
+        assert (out.src, out.dst, out[TCP].sport, out[TCP].dport) == (laddr, RS3, lport, 80)
+        return out
+
+    def rs(seq, ack, sack=None, data=b""):
+        o = [("NOP", None), ("NOP", None), ("SAck", tuple(x % 2**32 for x in sack))] if sack else []
+        p = IP(src=RS3, dst=laddr) / TCP(sport=80, dport=lport, flags="PA" if data else "A",
+                                         seq=seq % 2**32, ack=ack % 2**32, options=o)
+        v, out, _ = one(cfg, wk, p / Raw(data) if data else p)
+        assert v == C.VERDICT_REWRITE and valid(out)
+        assert (out.src, out.dst, out[TCP].sport, out[TCP].dport) == (VIP, CLIENT, 80, 40000)
+        return out
+
+    hdr = b"\r\n\r\n\x00\r\nQUIT\n"
+    out = client(isn + 1, a)                        # lost after the balancer
+    assert out[TCP].seq == (s0 + 1) % 2**32 and bytes(out[TCP].payload)[:12] == hdr
+    out = client(isn + 101, b)
+    assert out[TCP].seq == (s0 + 1 + 28 + 100) % 2**32 and bytes(out[TCP].payload) == b
+    # The RS has B only: a duplicate ACK of its ISN + 1 with B SACKed, in the client's space.
+    back = rs(rs_isn + 1, s0 + 1, sack=(s0 + 129, s0 + 229))
+    assert back[TCP].ack == (isn + 1) % 2**32 and back[TCP].seq == (cookie + 1) % 2**32
+    assert opts(back)["SAck"] == ((isn + 101) % 2**32, (isn + 201) % 2**32)
+    out = client(isn + 1, a)                        # retransmitted: the header again
+    payload = bytes(out[TCP].payload)
+    assert out[TCP].seq == (s0 + 1) % 2**32 and payload[:16] == hdr + b"\x21\x11\x00\x0c"
+    assert payload[28:] == a and out[TCP].ack == (rs_isn + 1) % 2**32
+    back = rs(rs_isn + 1, s0 + 229)
+    assert back[TCP].ack == (isn + 201) % 2**32
+    assert wk.conn[1]["flags"] & C.CONN_F_PP_ACKED
+    # A spurious retransmission now goes without the header, at the shifted sequence; the RS's
+    # D-SACK for it comes back naming the client's bytes.
+    out = client(isn + 1, a)
+    assert out[TCP].seq == (s0 + 29) % 2**32 and bytes(out[TCP].payload) == a
+    back = rs(rs_isn + 1, s0 + 229, sack=(s0 + 29, s0 + 129))
+    assert opts(back)["SAck"] == ((isn + 1) % 2**32, (isn + 101) % 2**32)
+    # RS -> client data and its retransmission: the same client sequence numbers, and the
+    # client's SACK of the second segment reaches the RS in its own space.
+    first = rs(rs_isn + 1, s0 + 229, data=b"x" * 50)
+    again = rs(rs_isn + 1, s0 + 229, data=b"x" * 50)
+    assert first[TCP].seq == again[TCP].seq == (cookie + 1) % 2**32
+    sack = ((cookie + 51) % 2**32, (cookie + 101) % 2**32)
+    out = client(isn + 201, flags="A", options=[("NOP", None), ("NOP", None), ("SAck", sack)])
+    assert out[TCP].ack == (rs_isn + 1) % 2**32
+    assert opts(out)["SAck"] == ((rs_isn + 51) % 2**32, (rs_isn + 101) % 2**32)
+    assert wk.stats[C.DROP_TOO_BIG] == 0 and wk.stats[C.DROP_SYNPROXY_ACK_STORM] == 0
