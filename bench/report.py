@@ -62,7 +62,7 @@ def _table(header, rows):
 def load(path):
     data = json.loads(Path(path).read_text())
     by_kind = {"engine_established": {}, "engine_new_conn": {}, "engine_syn_cookie": {},
-               "engine_synproxy_syn": {}, "lab": {}}
+               "engine_synproxy_syn": {}, "lab": {}, "synflood": {}}
     for b in data.get("benchmarks", []):
         ex = b.get("extra_info") or {}
         kind = ex.get("kind")
@@ -72,6 +72,8 @@ def load(path):
             by_kind[kind]["cookie"] = ex
         elif kind == "lab":
             by_kind["lab"][ex["metric"]] = ex
+        elif kind == "synflood":
+            by_kind["synflood"] = ex
     return data, by_kind
 
 
@@ -264,6 +266,103 @@ def _ipvs_vm_section(vm, path, md_path):
                      ", ".join(f"{x:.2f}" for x in r["rounds"])))
     L.append(_table(("metric", "IPVS / netfilter NAT (median)", "per round"), rows))
     L.append("")
+    return L
+
+
+SYNFLOOD_ORDER = ["lvsdp-synproxy", "lvsdp-nat", "kernel-synproxy", "kernel-forward"]
+SYNFLOOD_LABEL = {
+    "lvsdp-synproxy": "lvs-dp, NAT + `syn_proxy`",
+    "lvsdp-nat": "lvs-dp, NAT, no protection",
+    "kernel-synproxy": "kernel SYNPROXY (nft, routed)",
+    "kernel-forward": "kernel, routed, no protection",
+}
+
+
+def _synflood_notes(mode, rounds):
+    """What the protection (or its absence) did, from the last round's counters."""
+    r = rounds[-1]
+    c = r.get("counters", {})
+    out = []
+    if mode == "lvsdp-synproxy":
+        out.append(f"cookies sent {c.get('synproxy_cookie_sent', 0):,}, cookie ACKs ok "
+                   f"{c.get('synproxy_ack_ok', 0):,}, RS handshakes {c.get('synproxy_rs_synack', 0):,}")
+        bad = {k[5:]: v for k, v in c.items() if k.startswith("drop_")}
+        if bad:
+            out.append("drops " + ", ".join(f"{k} {v:,}" for k, v in bad.items()))
+    elif mode == "lvsdp-nat":
+        out.append(f"connections made {c.get('conn_new', 0):,} (flood included)")
+    elif mode == "kernel-synproxy":
+        out.append(f"SYNs answered {c.get('synproxy_syn_received', 0):,}, cookies valid "
+                   f"{c.get('synproxy_cookie_valid', 0):,}, invalid {c.get('synproxy_cookie_invalid', 0):,}")
+    if r.get("rs_tsecr_rejected"):
+        out.append(f"RS TSEcrRejected {r['rs_tsecr_rejected']:,}")
+    if not r.get("protected"):
+        out.append(f"RS SYN_RECV after the flood {r.get('syn_recv_after', 0)}")
+    return "; ".join(out)
+
+
+def _synflood_section(ex):
+    """bench_synflood.py: legitimate connections through a spoofed-source SYN flood."""
+    L = ["## SYN flood", ""]
+    if not ex:
+        L += ["Not measured (`bench_synflood.py` did not run).", ""]
+        return L
+    la = ex.get("loadavg_1min")
+    sysctls = ", ".join(f"`{k}={v}`" for k, v in (ex.get("rs_sysctls") or {}).items())
+    L.append(
+        f"`bench_synflood.py` (`synflood_kit.py`): legitimate clients (one process, "
+        f"{ex.get('concurrency')} connections in flight from 64 source addresses, each a new "
+        f"connection with `GET /` and `Connection: close`; an attempt succeeds when the 200 "
+        f"response is in within {ex.get('attempt_timeout_s')} s) for {ex.get('seconds')} s while "
+        f"`hping3 -S --rand-source` floods port 80 from the same namespace (interval "
+        f"{1e6 / ex.get('flood_pps', 1):.0f} µs, bounded in count and time); before it the same "
+        f"clients alone for {ex.get('baseline_seconds')} s (*no flood*). "
+        f"{len((next(iter(ex['modes'].values())) or {}).get('rounds', []))} round(s), each mode "
+        f"on a topology of its own built for the round, the order rotating; medians over rounds "
+        f"(SYN_RECV: the maximum)"
+        + (f"; 1-min load average {la[0]} before, {la[1]} after." if la else "."))
+    L.append("")
+    L.append(
+        f"The real servers are left open to the flood on purpose, inside their namespaces only: "
+        f"{sysctls}, set before nginx starts (its listen backlog, the SYN queue's limit, becomes "
+        f"{ex.get('rs_backlog')}), and a default route through the balancer/router so that a "
+        "spoofed SYN does make a half-open entry. lvs-dp runs on the seed lab with "
+        "`examples/seed-nat.conf` (two real servers; `syn_proxy` added for the protected mode). "
+        "The kernel's SYNPROXY only proxies untracked SYNs, which never reach the nat table, so "
+        "it cannot front a DNAT balancer: it is measured on the routed topology of its selftest "
+        "(`nft_synproxy.sh`: client, router with the `synproxy` statement, one nginx server), "
+        "and that topology without rules is its baseline.")
+    L.append("")
+    rows = []
+    for m in SYNFLOOD_ORDER:
+        mm = ex["modes"].get(m)
+        if not mm:
+            continue
+        rows.append((SYNFLOOD_LABEL[m], _fmt(mm["conn_per_s"]), f"{mm['success_rate']:.3f}",
+                     _fmt(mm["baseline_conn_per_s"]), mm["syn_recv_max"],
+                     f"{_fmt(mm['flood_sent'])} ({_fmt(mm['flood_pps_sent'])}/s)",
+                     f"{_fmt(mm['rs_syns_client'])} / {_fmt(mm['rs_syns'] - mm['rs_syns_client'])}",
+                     _synflood_notes(m, mm["rounds"])))
+    L.append(_table(("mode", "legit conn/s under flood", "success rate", "legit conn/s, no flood",
+                     "SYN_RECV max on RS", "SYNs sent (rate)", "SYNs at RS: legit / other",
+                     "notes"), rows))
+    L.append("")
+    L.append("*SYN_RECV max on RS*: the largest sum over the real servers of `ss -tanH state "
+             "syn-recv sport = :80`, sampled every 0.2 s; a full queue shows as backlog + 1 per "
+             "server. *SYNs at RS*: iptables counters on the real servers' INPUT, from the "
+             "legitimate clients' addresses and from anywhere else (the flood; lvs-dp's health "
+             "checks). *TSEcrRejected*: handshake ACKs the real server refused because their "
+             "timestamp echo is not one it sent (`nstat`); the kernel SYNPROXY's ACK to the "
+             "server carries such an echo on this kernel, and the handshake then completes with "
+             "the client's next segment, or stalls until the server retransmits its SYN-ACK "
+             "(kernel-notes/fullnat-synproxy.md).")
+    L.append("")
+    if ex.get("errors"):
+        L.append("Errors:")
+        L.append("")
+        for e in ex["errors"]:
+            L.append(f"- `{e.splitlines()[0][:300]}`")
+        L.append("")
     return L
 
 
@@ -462,6 +561,7 @@ def render(data, kinds, plots_dir, md_path):
         L.append("Not measured (the lab benchmarks did not run).")
         L.append("")
 
+    L.extend(_synflood_section(kinds.get("synflood")))
     vm = md_path.parent / "ipvs-vm.json"
     if vm.exists():
         L.extend(_ipvs_vm_section(json.loads(vm.read_text()), vm, md_path))
@@ -483,6 +583,8 @@ def render(data, kinds, plots_dir, md_path):
     if (md_path.parent / "ipvs-vm.json").exists() and ipvs and not ipvs.get("available"):
         notes.append("  It was run against kernel IPVS in an emulated guest: see \"Kernel IPVS "
                      "(emulated guest, ratios only)\" above.")
+    if not kinds.get("synflood"):
+        notes.append("- SYN flood (`bench_synflood.py`): did not run")
     missing_lab = [m for m in LAB_METRICS if m not in lab]
     if missing_lab:
         notes.append(f"- lab metrics without results: {', '.join(missing_lab)}")
