@@ -73,7 +73,7 @@ def load(path):
         elif kind == "lab":
             by_kind["lab"][ex["metric"]] = ex
         elif kind == "synflood":
-            by_kind["synflood"] = ex
+            by_kind["synflood"][ex.get("level", "hping3")] = ex
     return data, by_kind
 
 
@@ -301,38 +301,62 @@ def _synflood_notes(mode, rounds):
     return "; ".join(out)
 
 
-def _synflood_section(ex):
-    """bench_synflood.py: legitimate connections through a spoofed-source SYN flood."""
+def _synflood_section(levels):
+    """bench_synflood.py: legitimate connections through a spoofed-source SYN flood, one table
+    per flood level."""
     L = ["## SYN flood", ""]
-    if not ex:
+    if not levels:
         L += ["Not measured (`bench_synflood.py` did not run).", ""]
         return L
+    first = True
+    for level in sorted(levels, key=lambda x: (x != "hping3", x)):
+        L += _synflood_level(levels[level], first)
+        first = False
+    return L
+
+
+def _synflood_level(ex, first):
+    L = []
     la = ex.get("loadavg_1min")
+    if ex.get("flood_tool") == "trafgen":
+        flood = (f"`trafgen` at {ex.get('flood_pps'):,} SYN/s (random source addresses and "
+                 f"ports, bounded in count and time)")
+        L += [f"### Capacity: trafgen, {ex.get('flood_pps'):,} SYN/s asked", "",
+              "Where the SYN proxies saturate. Checked: no spoofed SYN and no half-open entry "
+              "beyond legitimate ones at the real servers; the legitimate rate is measured, not "
+              "required.", ""]
+    else:
+        flood = (f"`hping3 -S --rand-source` (interval {1e6 / ex.get('flood_pps', 1):.0f} µs; "
+                 f"hping3 reaches a few thousand SYN/s here; bounded in count and time)")
+        L += ["### hping3 flood", "",
+              "Checked: with a SYN proxy more than 90 % of legitimate connections succeed, no "
+              "spoofed SYN reaches the real servers, their SYN_RECV stays within the legitimate "
+              "connections in flight; without one their SYN queues fill.", ""]
     sysctls = ", ".join(f"`{k}={v}`" for k, v in (ex.get("rs_sysctls") or {}).items())
     L.append(
         f"`bench_synflood.py` (`synflood_kit.py`): legitimate clients (one process, "
         f"{ex.get('concurrency')} connections in flight from 64 source addresses, each a new "
         f"connection with `GET /` and `Connection: close`; an attempt succeeds when the 200 "
         f"response is in within {ex.get('attempt_timeout_s')} s) for {ex.get('seconds')} s while "
-        f"`hping3 -S --rand-source` floods port 80 from the same namespace (interval "
-        f"{1e6 / ex.get('flood_pps', 1):.0f} µs, bounded in count and time); before it the same "
+        f"{flood} floods port 80 from the same namespace; before it the same "
         f"clients alone for {ex.get('baseline_seconds')} s (*no flood*). "
         f"{len((next(iter(ex['modes'].values())) or {}).get('rounds', []))} round(s), each mode "
         f"on a topology of its own built for the round, the order rotating; medians over rounds "
         f"(SYN_RECV: the maximum)"
         + (f"; 1-min load average {la[0]} before, {la[1]} after." if la else "."))
     L.append("")
-    L.append(
-        f"The real servers are left open to the flood on purpose, inside their namespaces only: "
-        f"{sysctls}, set before nginx starts (its listen backlog, the SYN queue's limit, becomes "
-        f"{ex.get('rs_backlog')}), and a default route through the balancer/router so that a "
-        "spoofed SYN does make a half-open entry. lvs-dp runs on the seed lab with "
-        "`examples/seed-nat.conf` (two real servers; `syn_proxy` added for the protected mode). "
-        "The kernel's SYNPROXY only proxies untracked SYNs, which never reach the nat table, so "
-        "it cannot front a DNAT balancer: it is measured on the routed topology of its selftest "
-        "(`nft_synproxy.sh`: client, router with the `synproxy` statement, one nginx server), "
-        "and that topology without rules is its baseline.")
-    L.append("")
+    if first:
+        L.append(
+            f"The real servers are left open to the flood on purpose, inside their namespaces only: "
+            f"{sysctls}, set before nginx starts (its listen backlog, the SYN queue's limit, becomes "
+            f"{ex.get('rs_backlog')}), and a default route through the balancer/router so that a "
+            "spoofed SYN does make a half-open entry. lvs-dp runs on the seed lab with "
+            "`examples/seed-nat.conf` (two real servers; `syn_proxy` added for the protected mode). "
+            "The kernel's SYNPROXY only proxies untracked SYNs, which never reach the nat table, so "
+            "it cannot front a DNAT balancer: it is measured on the routed topology of its selftest "
+            "(`nft_synproxy.sh`: client, router with the `synproxy` statement, one nginx server), "
+            "and that topology without rules is its baseline.")
+        L.append("")
     rows = []
     for m in SYNFLOOD_ORDER:
         mm = ex["modes"].get(m)
@@ -347,16 +371,17 @@ def _synflood_section(ex):
                      "SYN_RECV max on RS", "SYNs sent (rate)", "SYNs at RS: legit / other",
                      "notes"), rows))
     L.append("")
-    L.append("*SYN_RECV max on RS*: the largest sum over the real servers of `ss -tanH state "
-             "syn-recv sport = :80`, sampled every 0.2 s; a full queue shows as backlog + 1 per "
-             "server. *SYNs at RS*: iptables counters on the real servers' INPUT, from the "
-             "legitimate clients' addresses and from anywhere else (the flood; lvs-dp's health "
-             "checks). *TSEcrRejected*: handshake ACKs the real server refused because their "
-             "timestamp echo is not one it sent (`nstat`); the kernel SYNPROXY's ACK to the "
-             "server carries such an echo on this kernel, and the handshake then completes with "
-             "the client's next segment, or stalls until the server retransmits its SYN-ACK "
-             "(kernel-notes/fullnat-synproxy.md).")
-    L.append("")
+    if first:
+        L.append("*SYN_RECV max on RS*: the largest sum over the real servers of `ss -tanH state "
+                 "syn-recv sport = :80`, sampled every 0.2 s; a full queue shows as backlog + 1 per "
+                 "server. *SYNs at RS*: iptables counters on the real servers' INPUT, from the "
+                 "legitimate clients' addresses and from anywhere else (the flood; lvs-dp's health "
+                 "checks). *TSEcrRejected*: handshake ACKs the real server refused because their "
+                 "timestamp echo is not one it sent (`nstat`); the kernel SYNPROXY's ACK to the "
+                 "server carries such an echo on this kernel, and the handshake then completes with "
+                 "the client's next segment, or stalls until the server retransmits its SYN-ACK "
+                 "(kernel-notes/fullnat-synproxy.md).")
+        L.append("")
     if ex.get("errors"):
         L.append("Errors:")
         L.append("")
@@ -561,7 +586,7 @@ def render(data, kinds, plots_dir, md_path):
         L.append("Not measured (the lab benchmarks did not run).")
         L.append("")
 
-    L.extend(_synflood_section(kinds.get("synflood")))
+    L.extend(_synflood_section(kinds.get("synflood") or {}))
     vm = md_path.parent / "ipvs-vm.json"
     if vm.exists():
         L.extend(_ipvs_vm_section(json.loads(vm.read_text()), vm, md_path))
