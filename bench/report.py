@@ -319,8 +319,10 @@ def _synflood_level(ex, first):
     L = []
     la = ex.get("loadavg_1min")
     if ex.get("flood_tool") == "trafgen":
-        flood = (f"`trafgen` at {ex.get('flood_pps'):,} SYN/s (random source addresses and "
-                 f"ports, bounded in count and time)")
+        pace = ("an even stream, `-t` gap" if ex.get("flood_pps", 0) <= 20_000
+                else "`-b`, paced in bursts")
+        flood = (f"`trafgen` asked for {ex.get('flood_pps'):,} SYN/s ({pace}; random source "
+                 f"addresses and ports, bounded in count and time)")
     else:
         flood = (f"`hping3 -S --rand-source` (interval {1e6 / ex.get('flood_pps', 1):.0f} µs, "
                  f"bounded in count and time)")

@@ -101,6 +101,7 @@ FLOOD_PPS = 10000               # hping3's interval is 1e6 / FLOOD_PPS us; it re
 # the CPU it gets (2.6k-5.5k SYN/s across the four modes here), so it is kept for ad hoc runs.
 LEVELS = {"5k": ("trafgen", 5_000, True), "100k": ("trafgen", 100_000, False),
           "hping3": ("hping3", FLOOD_PPS, True)}
+TRAFGEN_GAP_MAX_PPS = 20_000
 MIN_FLOOD_PPS = 1000            # a flood slower than this (the tool starved) fails the check
 WARM_S = 0.5                    # legitimate load before the baseline, not counted
 FLOOD_WARM_S = 0.5              # flood alone before the legitimate load starts
@@ -720,8 +721,14 @@ def flood_argv(mode, tool, pps, count, max_s):
     if tool == "trafgen":
         cfg = Path(mode.topo.dir) / "synflood.trafgen"
         cfg.write_text(trafgen_config(mode))
+        # Below TRAFGEN_GAP_MAX_PPS one packet per gap (-t): an even stream. Above, -b, which
+        # paces the TX ring in bursts: at 5k SYN/s that let an unprotected server admit
+        # legitimate SYNs between bursts (its SYN queue drains old entries early when more than
+        # half full: reqsk_timer_handler), where an even stream of the same rate admits none.
+        pace = (["-t", f"{int(1e6 / pps)}us"] if pps <= TRAFGEN_GAP_MAX_PPS
+                else ["-b", f"{int(pps)}pps"])
         return ["timeout", "-s", "INT", f"{max_s:.1f}", "trafgen", "-o", mode.client_dev,
-                "-i", cfg, "-n", str(count), "-b", f"{int(pps)}pps", "-P", "1",
+                "-i", cfg, "-n", str(count), *pace, "-P", "1",
                 "--no-sock-mem", "--notouch-irq", "--no-cpu-stats"]
     raise ValueError(tool)
 
