@@ -1,6 +1,7 @@
 """Turn pytest-benchmark's JSON into bench/RESULTS.md and PNG plots under bench/plots/.
 
     python -m bench.report bench/out/bench.json bench/RESULTS.md
+    python -m bench.report bench/out/bench.json bench/out/synflood.json bench/RESULTS.md  # merged
 
 Reads the measured numbers that the benchmarks store in ``extra_info`` (bench/bench_engine.py,
 bench/bench_lab.py) and the run's context under ``"lvsdp"`` and ``machine_info`` (bench/
@@ -59,8 +60,20 @@ def _table(header, rows):
     return "\n".join(out)
 
 
-def load(path):
+def load(path, *more):
+    """Read one pytest-benchmark JSON; with `more`, their benchmarks are added to the first
+    file's (its machine and run context stay), so that a partial run (e.g. bench_synflood.py
+    alone) can be rendered together with a full one. A later file's result for the same
+    benchmark replaces the earlier one."""
     data = json.loads(Path(path).read_text())
+    for extra in more:
+        other = json.loads(Path(extra).read_text())
+        names = {b.get("fullname") for b in other.get("benchmarks", [])}
+        data["benchmarks"] = [b for b in data.get("benchmarks", [])
+                              if b.get("fullname") not in names] + other.get("benchmarks", [])
+        ctx = data.setdefault("lvsdp", {})
+        ctx["skipped"] = ctx.get("skipped", []) + (other.get("lvsdp") or {}).get("skipped", [])
+        ctx.setdefault("merged", []).append(f"{extra} (run {other.get('datetime', '?')})")
     by_kind = {"engine_established": {}, "engine_new_conn": {}, "engine_syn_cookie": {},
                "engine_synproxy_syn": {}, "lab": {}, "synflood": {}}
     for b in data.get("benchmarks", []):
@@ -92,6 +105,8 @@ def _machine(data):
          f"{ctx.get('loadavg_start')} / {ctx.get('loadavg_end')}"),
         ("benchmark wall time", f"{ctx.get('wall_s', '?')} s"),
     ]
+    if ctx.get("merged"):
+        rows.append(("results merged from", "; ".join(ctx["merged"])))
     ci = data.get("commit_info") or {}
     if ci.get("id"):
         rows.append(("commit", f"{ci['id'][:12]}{' (dirty tree)' if ci.get('dirty') else ''}"))
@@ -279,9 +294,13 @@ SYNFLOOD_LABEL = {
 
 
 def _synflood_notes(mode, rounds):
-    """What the protection (or its absence) did, from the last round's counters."""
-    r = rounds[-1]
-    c = r.get("counters", {})
+    """What the protection (or its absence) did: counters, median over rounds."""
+    med = lambda xs: int(sorted(xs)[len(xs) // 2]) if xs else 0
+    keys = {k for r in rounds for k in r.get("counters", {})}
+    c = {k: med([r.get("counters", {}).get(k, 0) for r in rounds]) for k in keys}
+    r = {"rs_tsecr_rejected": med([x.get("rs_tsecr_rejected", 0) for x in rounds]),
+         "syn_recv_after": med([x.get("syn_recv_after", 0) for x in rounds]),
+         "protected": rounds[-1].get("protected")}
     out = []
     if mode == "lvsdp-synproxy":
         out.append(f"cookies sent {c.get('synproxy_cookie_sent', 0):,}, cookie ACKs ok "
@@ -327,12 +346,12 @@ def _synflood_level(ex, first):
         flood = (f"`hping3 -S --rand-source` (interval {1e6 / ex.get('flood_pps', 1):.0f} µs, "
                  f"bounded in count and time)")
     if ex.get("strict", True):
-        L += [f"### {ex.get('flood_pps'):,} spoofed SYN/s", "",
+        L += [f"### {ex.get('flood_pps'):,} spoofed SYN/s asked", "",
               "Checked: with a SYN proxy more than 90 % of legitimate connections succeed, no "
               "spoofed SYN reaches the real servers and none of them holds a half-open entry "
               "from one; without a proxy their SYN queues fill.", ""]
     else:
-        L += [f"### Capacity: {ex.get('flood_pps'):,} spoofed SYN/s", "",
+        L += [f"### Capacity: {ex.get('flood_pps'):,} spoofed SYN/s asked", "",
               "Where the SYN proxies saturate. Checked: no spoofed SYN and no half-open entry "
               "from one at the real servers; the legitimate rate is measured, not required.", ""]
     sysctls = ", ".join(f"`{k}={v}`" for k, v in (ex.get("rs_sysctls") or {}).items())
@@ -625,11 +644,12 @@ def render(data, kinds, plots_dir, md_path):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2:
-        print("usage: python -m bench.report BENCH_JSON RESULTS_MD", file=sys.stderr)
+    if len(argv) < 2:
+        print("usage: python -m bench.report BENCH_JSON [MORE_JSON ...] RESULTS_MD",
+              file=sys.stderr)
         return 2
-    src, dst = Path(argv[0]), Path(argv[1])
-    data, kinds = load(src)
+    srcs, dst = [Path(a) for a in argv[:-1]], Path(argv[-1])
+    data, kinds = load(*srcs)
     plots = dst.parent / "plots"
     render(data, kinds, plots, dst)
     print(f"wrote {dst} and plots in {plots}/")
