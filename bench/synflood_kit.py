@@ -16,26 +16,27 @@ mode is left for the next), all with the same real-server settings (below):
   kernel proxies only *untracked* SYNs (``notrack`` in raw PREROUTING), and an untracked packet
   never reaches the nat table, so SYNPROXY cannot sit in front of a DNAT (netfilter NAT) balancer:
   the comparison is made on the routed topology it was written for (kernel-notes/
-  fullnat-synproxy.md, "The kernel's SYNPROXY").
+  fullnat-synproxy.md §5). The nft options are the selftest's, SYNPROXY_OPTS.
 * ``kernel-forward`` -- the same topology with no rules: plain routing, the unprotected baseline.
 
 Real servers (rs3/rs4 in the lab, the server namespace in the routed topology), set inside their
 own namespaces only, so that an unprotected server really suffers:
 ``net.ipv4.tcp_syncookies=0`` (a full SYN queue then drops SYNs instead of answering with
-cookies), ``net.core.somaxconn`` = RS_BACKLOG (nginx starts after it is set, so its listen backlog,
-the SYN queue's limit, is capped to that; ``tcp_max_syn_backlog`` = 4 x RS_BACKLOG, see
-RS_BACKLOG), and a default route through the
-balancer/router, as LVS-NAT real servers have: without one a real server cannot route a SYN-ACK to
-a random source, and the kernel then drops the SYN before making a half-open entry
-(``tcp_conn_request``: ``route_req`` fails), so an unroutable flood would do no harm. The
-balancer and the router have no default route: SYN-ACKs to spoofed sources die there.
+cookies), ``net.core.somaxconn`` = RS_BACKLOG (nginx starts after it is set, so its listen
+backlog, the SYN queue's limit, is capped to that; ``tcp_max_syn_backlog`` = 4 x RS_BACKLOG, see
+RS_BACKLOG), and a default route through the balancer/router, as LVS-NAT real servers have:
+without one a real server cannot route a SYN-ACK to a random source, and the kernel then drops
+the SYN before making a half-open entry (``tcp_conn_request``: ``route_req`` fails), so an
+unroutable flood would do no harm. The balancer and the router have no default route: SYN-ACKs
+to spoofed sources die there.
 
 Load, both from the client namespace, both bounded:
 
-* the flood (LEVELS): trafgen (``-b <pps>pps -n <count>``, SYNs from random addresses and ports,
-  trafgen_config), or ``hping3 -q -S --rand-source -p 80 -i u<1e6/pps> -c <count>``, both under
-  ``timeout``; count = rate x the flood's planned duration + 1 s; stopped (SIGINT) once the
-  legitimate load is done. The tool's own statistics give the SYNs sent.
+* the flood (LEVELS): trafgen (``-n <count>`` and ``-t <gap>``, an even stream, or ``-b
+  <pps>pps`` above TRAFGEN_GAP_MAX_PPS; SYNs from random addresses and ports, trafgen_config), or
+  ``hping3 -q -S --rand-source -p 80 -i u<1e6/pps> -c <count>``, both under ``timeout``;
+  count = rate x the flood's planned duration + 1 s; stopped (SIGINT) once the legitimate load
+  is done. The tool's own statistics give the SYNs sent.
 * legitimate clients: LEGIT below, one process, CONCURRENCY connections at a time, each a new
   connection from one of LEGIT_ADDRS source addresses with ``GET /`` and ``Connection: close``,
   for a fixed time. An attempt succeeds when the whole 200 response ("Hello") arrives within
@@ -45,11 +46,12 @@ Load, both from the client namespace, both bounded:
   mode's baseline, after a short warm-up), then with it.
 
 Measured beside: SYN_RECV entries on the real servers (``ss -tanH state syn-recv sport = :80`` in
-each real-server namespace every SAMPLE_S; the maximum of the per-sample sum), SYNs that reached
-the real servers (iptables counters on INPUT in each real-server namespace: all SYNs to port 80,
-and those from the client's address), the lvs-dp counters (``synproxy_cookie_sent`` etc. from
-``lvs-dp list --json``) and the kernel's (nft rule counters, /proc/net/stat/synproxy of the
-router).
+each real-server namespace every SAMPLE_S; the maximum of the per-sample sum, and of those whose
+peer is neither a legitimate client nor the balancer), SYNs that reached the real servers
+(iptables counters on INPUT in each real-server namespace: all SYNs to port 80, and those from the
+legitimate clients' network), ``TcpExtTSEcrRejected`` on the real servers, the lvs-dp counters
+(``synproxy_cookie_sent`` etc. from ``lvs-dp list --json``) and the kernel's (nft rule counters,
+/proc/net/stat/synproxy of the router).
 
 Network rule: every packet stays in namespaces made here (the spoofed sources included: nothing
 routes them out of the lab), every load is bounded in count and time, and each topology is
@@ -57,7 +59,7 @@ removed when its mode ends, on failure too.
 
 Runnable without pytest::
 
-    python3 -m bench.synflood_kit --modes lvsdp-synproxy,kernel-synproxy --seconds 3
+    python3 -m bench.synflood_kit --modes lvsdp-synproxy,kernel-synproxy --seconds 3 --level 100k
 """
 
 from __future__ import annotations
@@ -77,8 +79,8 @@ import threading
 import time
 from pathlib import Path
 
-from control.lab import (CLIENT_IP, HTTP_PORT, INSIDE_VIP, LB_IN_IP, REPO_ROOT, RS_KEYS, Lab, LabError,
-                         _delete_namespace, _run, existing_namespaces)
+from control.lab import (CLIENT_IP, HTTP_PORT, INSIDE_VIP, LB_IN_IP, REPO_ROOT, RS_KEYS, Lab,
+                         LabError, _delete_namespace, _run, existing_namespaces)
 
 MODES = ("lvsdp-synproxy", "lvsdp-nat", "kernel-synproxy", "kernel-forward")
 PROTECTED = {"lvsdp-synproxy": True, "lvsdp-nat": False, "kernel-synproxy": True,
@@ -107,8 +109,6 @@ WARM_S = 0.5                    # legitimate load before the baseline, not count
 FLOOD_WARM_S = 0.5              # flood alone before the legitimate load starts
 START_TIMEOUT_S = 300           # lvs-dp start; a cold numba cache compiles for minutes
 
-# The kernel selftest's addresses (nft_synproxy.sh).
-FWD_CLIENT_IP = "10.0.1.99"
 # Legitimate clients: LEGIT_ADDRS source addresses, each connection from a random one (see
 # LEGIT), in a network of their own that the balancer/router routes to the client namespace.
 # The server closes first, so a client keeps no TIME_WAIT and reuses a port as soon as connect()
@@ -119,13 +119,15 @@ FWD_CLIENT_IP = "10.0.1.99"
 # timeout; 1024 make them rare. Many clients is also what a real service under attack has.
 LEGIT_ADDRS = 1024
 LEGIT_NET = {"lab": "172.16.16.0/21", "fwd": "10.0.16.0/21"}     # clear of every lab address
+# The kernel selftest's addresses (nft_synproxy.sh).
+FWD_CLIENT_IP = "10.0.1.99"
 FWD_ROUTER_C = "10.0.1.1"
 FWD_ROUTER_S = "10.0.2.1"
 FWD_SERVER_IP = "10.0.2.99"
 NFT_TABLE = "lvsdp_flood"
 SYNPROXY_OPTS = "mss 1460 sack-perm timestamp"     # nft_synproxy.sh's
-# nft_synproxy.sh's ruleset, for port 80 and any source (a flood's sources are random), with the
-# server's window scale (Linux's 7) and `counter`s to read back. SYNs from the client side are
+# nft_synproxy.sh's ruleset, for port 80 and any source (a flood's sources are random), with
+# `counter`s to read back. SYNs from the client side are
 # untracked; in FORWARD the synproxy statement answers them (SYN-ACK with a cookie) and, on a
 # valid cookie ACK, opens the connection to the server itself; what conntrack then tracks is
 # accepted; other invalid packets and any SYN that got this far are dropped.
@@ -330,8 +332,9 @@ class ForwardLab:
             _run(["ip", "netns", "add", name])
             self._created.append(name)
             _run(["ip", "-n", name, "link", "set", "lo", "up"])
-        _run(["ip", "-n", r, "link", "add", "r-c", "type", "veth", "peer", "name", "c-r", "netns", c])
-        _run(["ip", "-n", r, "link", "add", "r-s", "type", "veth", "peer", "name", "s-r", "netns", s])
+        for dev, peer, peer_ns in (("r-c", "c-r", c), ("r-s", "s-r", s)):
+            _run(["ip", "-n", r, "link", "add", dev, "type", "veth", "peer", "name", peer,
+                  "netns", peer_ns])
         # forwarding only in the router; rp_filter off there (spoofed sources are forwarded, as
         # the seed lab's balancer does); the client never forwards (no loops)
         for key, value in (("router", 1), ("client", 0), ("server", 0)):
@@ -340,7 +343,8 @@ class ForwardLab:
             self.run("router", ["sysctl", "-qw", f"net.ipv4.conf.{conf}.rp_filter=0"])
         set_rs_sysctls(self.run, "server")
         for ns_, dev, addr in ((r, "r-c", f"{FWD_ROUTER_C}/24"), (r, "r-s", f"{FWD_ROUTER_S}/24"),
-                               (c, "c-r", f"{FWD_CLIENT_IP}/24"), (s, "s-r", f"{FWD_SERVER_IP}/24")):
+                               (c, "c-r", f"{FWD_CLIENT_IP}/24"),
+                               (s, "s-r", f"{FWD_SERVER_IP}/24")):
             _run(["ip", "-n", ns_, "addr", "add", addr, "dev", dev])
             _run(["ip", "-n", ns_, "link", "set", dev, "up"])
         _run(["ip", "-n", c, "route", "add", "default", "via", FWD_ROUTER_C])
@@ -620,7 +624,7 @@ def make_mode(name, prefix):
     raise ValueError(f"unknown mode {name!r}; expected one of {MODES}")
 
 
-# --- load and sampling -------------------------------------------------------------------------------
+# --- load and sampling ---------------------------------------------------------------------------
 def run_legit(mode, seconds) -> dict:
     script = Path(mode.topo.dir) / "legit_client.py"
     script.write_text(LEGIT)
@@ -708,7 +712,8 @@ def trafgen_config(mode) -> str:
           0x45, 0x00, c16(40), drnd(2), c16(0x4000), 64, 6, csumip(14, 33),
           drnd(4),
           {dst},
-          drnd(2), c16({HTTP_PORT}), drnd(4), c32(0), 0x50, 0x02, c16(64240), csumtcp(14, 34), c16(0),
+          drnd(2), c16({HTTP_PORT}), drnd(4), c32(0), 0x50, 0x02, c16(64240),
+          csumtcp(14, 34), c16(0),
         }}
         """)
 
@@ -811,7 +816,8 @@ def check(res, strict=True):
                         f"neither the legitimate clients nor the balancer")
         spoofed = res["rs_syns"]["all"] - res["rs_syns"]["client"]
         if spoofed > 20:            # lvs-dp's health checks: a few per real server
-            errs.append(f"{spoofed} SYNs from other sources than the client reached the real servers")
+            errs.append(f"{spoofed} SYNs from other sources than the legitimate clients "
+                        f"reached the real servers")
         c = res["counters"]
         answered = c.get("synproxy_cookie_sent", c.get("synproxy_syn_received", 0))
         if strict and answered < 0.5 * res["flood"]["sent"]:
@@ -826,10 +832,11 @@ def check(res, strict=True):
 
 
 def summarize(per_mode: dict, seconds, base_seconds, level="5k") -> dict:
-    flood = LEVELS[level]
     """per_mode: {mode: [round results]} -> medians per mode, and the rounds themselves."""
-    out = {"kind": "synflood", "level": level, "strict": flood[2], "seconds": seconds, "baseline_seconds": base_seconds,
-           "flood_tool": flood[0], "flood_pps": flood[1], "concurrency": CONCURRENCY,
+    flood = LEVELS[level]
+    out = {"kind": "synflood", "level": level, "strict": flood[2], "seconds": seconds,
+           "baseline_seconds": base_seconds, "flood_tool": flood[0], "flood_pps": flood[1],
+           "concurrency": CONCURRENCY,
            "attempt_timeout_s": ATTEMPT_TIMEOUT_S, "rs_backlog": RS_BACKLOG,
            "legit_addrs": LEGIT_ADDRS, "synproxy_opts": SYNPROXY_OPTS,
            "rs_sysctls": RS_SYSCTLS, "modes": {}}
@@ -872,7 +879,8 @@ def one_round(modes, r, prefix_of, seconds, base_seconds, results, errors, level
 
 def _main(argv=None):
     import argparse
-    p = argparse.ArgumentParser(prog="python -m bench.synflood_kit", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.synflood_kit",
+                                description=__doc__.split("\n")[0])
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--seconds", type=float, default=3)
