@@ -1,6 +1,7 @@
 """Turn pytest-benchmark's JSON into bench/RESULTS.md and PNG plots under bench/plots/.
 
     python -m bench.report bench/out/bench.json bench/RESULTS.md
+    python -m bench.report bench/out/bench.json bench/out/synflood.json bench/RESULTS.md  # merged
 
 Reads the measured numbers that the benchmarks store in ``extra_info`` (bench/bench_engine.py,
 bench/bench_lab.py) and the run's context under ``"lvsdp"`` and ``machine_info`` (bench/
@@ -61,10 +62,22 @@ def _table(header, rows):
     return "\n".join(out)
 
 
-def load(path):
+def load(path, *more):
+    """Read one pytest-benchmark JSON; with `more`, their benchmarks are added to the first
+    file's (its machine and run context stay), so that a partial run (e.g. bench_synflood.py
+    alone) can be rendered together with a full one. A later file's result for the same
+    benchmark replaces the earlier one."""
     data = json.loads(Path(path).read_text())
+    for extra in more:
+        other = json.loads(Path(extra).read_text())
+        names = {b.get("fullname") for b in other.get("benchmarks", [])}
+        data["benchmarks"] = [b for b in data.get("benchmarks", [])
+                              if b.get("fullname") not in names] + other.get("benchmarks", [])
+        ctx = data.setdefault("lvsdp", {})
+        ctx["skipped"] = ctx.get("skipped", []) + (other.get("lvsdp") or {}).get("skipped", [])
+        ctx.setdefault("merged", []).append(f"{extra} (run {other.get('datetime', '?')})")
     by_kind = {"engine_established": {}, "engine_new_conn": {}, "engine_syn_cookie": {},
-               "engine_synproxy_syn": {}, "lab": {}}
+               "engine_synproxy_syn": {}, "lab": {}, "synflood": {}}
     for b in data.get("benchmarks", []):
         ex = b.get("extra_info") or {}
         kind = ex.get("kind")
@@ -74,6 +87,8 @@ def load(path):
             by_kind[kind]["cookie"] = ex
         elif kind == "lab":
             by_kind["lab"][ex["metric"]] = ex
+        elif kind == "synflood":
+            by_kind["synflood"][ex.get("level", "5k")] = ex
     return data, by_kind
 
 
@@ -92,6 +107,8 @@ def _machine(data):
          f"{ctx.get('loadavg_start')} / {ctx.get('loadavg_end')}"),
         ("benchmark wall time", f"{ctx.get('wall_s', '?')} s"),
     ]
+    if ctx.get("merged"):
+        rows.append(("results merged from", "; ".join(ctx["merged"])))
     ci = data.get("commit_info") or {}
     if ci.get("id"):
         rows.append(("commit", f"{ci['id'][:12]}{' (dirty tree)' if ci.get('dirty') else ''}"))
@@ -267,6 +284,136 @@ def _ipvs_vm_section(vm, path, md_path):
                      ", ".join(f"{x:.2f}" for x in r["rounds"])))
     L.append(_table(("metric", "IPVS / netfilter NAT (median)", "per round"), rows))
     L.append("")
+    return L
+
+
+SYNFLOOD_ORDER = ["lvsdp-synproxy", "lvsdp-nat", "kernel-synproxy", "kernel-forward"]
+SYNFLOOD_LABEL = {
+    "lvsdp-synproxy": "lvs-dp, NAT + `syn_proxy`",
+    "lvsdp-nat": "lvs-dp, NAT, no protection",
+    "kernel-synproxy": "kernel SYNPROXY (nft, routed)",
+    "kernel-forward": "kernel, routed, no protection",
+}
+
+
+def _synflood_notes(mode, rounds):
+    """What the protection (or its absence) did: counters, median over rounds."""
+    med = lambda xs: int(sorted(xs)[len(xs) // 2]) if xs else 0
+    keys = {k for r in rounds for k in r.get("counters", {})}
+    c = {k: med([r.get("counters", {}).get(k, 0) for r in rounds]) for k in keys}
+    r = {"rs_tsecr_rejected": med([x.get("rs_tsecr_rejected", 0) for x in rounds]),
+         "syn_recv_after": med([x.get("syn_recv_after", 0) for x in rounds]),
+         "protected": rounds[-1].get("protected")}
+    out = []
+    if mode == "lvsdp-synproxy":
+        out.append(f"cookies sent {c.get('synproxy_cookie_sent', 0):,}, cookie ACKs ok "
+                   f"{c.get('synproxy_ack_ok', 0):,}, RS handshakes {c.get('synproxy_rs_synack', 0):,}")
+        bad = {k[5:]: v for k, v in c.items() if k.startswith("drop_")}
+        if bad:
+            out.append("drops " + ", ".join(f"{k} {v:,}" for k, v in bad.items()))
+    elif mode == "lvsdp-nat":
+        out.append(f"connections made {c.get('conn_new', 0):,} (flood included)")
+    elif mode == "kernel-synproxy":
+        out.append(f"SYNs answered {c.get('synproxy_syn_received', 0):,}, cookies valid "
+                   f"{c.get('synproxy_cookie_valid', 0):,}, invalid {c.get('synproxy_cookie_invalid', 0):,}")
+    if r.get("rs_tsecr_rejected"):
+        out.append(f"RS TSEcrRejected {r['rs_tsecr_rejected']:,}")
+    if not r.get("protected"):
+        out.append(f"RS SYN_RECV after the flood {r.get('syn_recv_after', 0)}")
+    return "; ".join(out)
+
+
+def _synflood_section(levels):
+    """bench_synflood.py: legitimate connections through a spoofed-source SYN flood, one table
+    per flood level."""
+    L = ["## SYN flood", ""]
+    if not levels:
+        L += ["Not measured (`bench_synflood.py` did not run).", ""]
+        return L
+    first = True
+    for level in sorted(levels, key=lambda x: levels[x].get("flood_pps", 0)):
+        L += _synflood_level(levels[level], first)
+        first = False
+    return L
+
+
+def _synflood_level(ex, first):
+    L = []
+    la = ex.get("loadavg_1min")
+    if ex.get("flood_tool") == "trafgen":
+        pace = ("an even stream, `-t` gap" if ex.get("flood_pps", 0) <= 20_000
+                else "`-b`, paced in bursts")
+        flood = (f"`trafgen` asked for {ex.get('flood_pps'):,} SYN/s ({pace}; random source "
+                 f"addresses and ports, bounded in count and time)")
+    else:
+        flood = (f"`hping3 -S --rand-source` (interval {1e6 / ex.get('flood_pps', 1):.0f} µs, "
+                 f"bounded in count and time)")
+    if ex.get("strict", True):
+        L += [f"### {ex.get('flood_pps'):,} spoofed SYN/s asked", "",
+              "Checked: with a SYN proxy more than 90 % of legitimate connections succeed, no "
+              "spoofed SYN reaches the real servers and none of them holds a half-open entry "
+              "from one; without a proxy their SYN queues fill.", ""]
+    else:
+        L += [f"### Capacity: {ex.get('flood_pps'):,} spoofed SYN/s asked", "",
+              "Where the SYN proxies saturate. Checked: no spoofed SYN and no half-open entry "
+              "from one at the real servers; the legitimate rate is measured, not required.", ""]
+    sysctls = ", ".join(f"`{k}={v}`" for k, v in (ex.get("rs_sysctls") or {}).items())
+    L.append(
+        f"`bench_synflood.py` (`synflood_kit.py`): legitimate clients (one process, "
+        f"{ex.get('concurrency')} connections in flight from {ex.get('legit_addrs', 64):,} "
+        f"source addresses, each a new "
+        f"connection with `GET /` and `Connection: close`; an attempt succeeds when the 200 "
+        f"response is in within {ex.get('attempt_timeout_s')} s) for {ex.get('seconds')} s while "
+        f"{flood} floods port 80 from the same namespace; before it the same "
+        f"clients alone for {ex.get('baseline_seconds')} s (*no flood*). "
+        f"{len((next(iter(ex['modes'].values())) or {}).get('rounds', []))} round(s), each mode "
+        f"on a topology of its own built for the round, the order rotating; medians over rounds "
+        f"(SYN_RECV: the maximum)"
+        + (f"; 1-min load average {la[0]} before, {la[1]} after." if la else "."))
+    L.append("")
+    if first:
+        L.append(
+            f"The real servers are left open to the flood on purpose, inside their namespaces only: "
+            f"{sysctls}, set before nginx starts (its listen backlog, the SYN queue's limit, becomes "
+            f"{ex.get('rs_backlog')}), and a default route through the balancer/router so that a "
+            "spoofed SYN does make a half-open entry. lvs-dp runs on the seed lab with "
+            "`examples/seed-nat.conf` (two real servers; `syn_proxy` added for the protected mode). "
+            "The kernel's SYNPROXY only proxies untracked SYNs, which never reach the nat table, so "
+            "it cannot front a DNAT balancer: it is measured on the routed topology of its selftest "
+            "(`nft_synproxy.sh`: client, router with the `synproxy` statement, one nginx server), "
+            "and that topology without rules is its baseline.")
+        L.append("")
+    rows = []
+    for m in SYNFLOOD_ORDER:
+        mm = ex["modes"].get(m)
+        if not mm:
+            continue
+        rows.append((SYNFLOOD_LABEL[m], _fmt(mm["conn_per_s"]), f"{mm['success_rate']:.3f}",
+                     _fmt(mm["baseline_conn_per_s"]), mm["syn_recv_max"],
+                     f"{_fmt(mm['flood_sent'])} ({_fmt(mm['flood_pps_sent'])}/s)",
+                     f"{_fmt(mm['rs_syns_client'])} / {_fmt(mm['rs_syns'] - mm['rs_syns_client'])}",
+                     _synflood_notes(m, mm["rounds"])))
+    L.append(_table(("mode", "legit conn/s under flood", "success rate", "legit conn/s, no flood",
+                     "SYN_RECV max on RS", "SYNs sent (rate)", "SYNs at RS: legit / other",
+                     "notes"), rows))
+    L.append("")
+    if first:
+        L.append("*SYN_RECV max on RS*: the largest sum over the real servers of `ss -tanH state "
+                 "syn-recv sport = :80`, sampled every 0.2 s; a full queue shows as backlog + 1 per "
+                 "server. *SYNs at RS*: iptables counters on the real servers' INPUT, from the "
+                 "legitimate clients' addresses and from anywhere else (the flood; lvs-dp's health "
+                 "checks). *TSEcrRejected*: handshake ACKs the real server refused because their "
+                 "timestamp echo is not one it sent (`nstat`); the kernel SYNPROXY's ACK to the "
+                 "server carries such an echo on this kernel, and the handshake then completes with "
+                 "the client's next segment, or stalls until the server retransmits its SYN-ACK "
+                 "(kernel-notes/fullnat-synproxy.md).")
+        L.append("")
+    if ex.get("errors"):
+        L.append("Errors:")
+        L.append("")
+        for e in ex["errors"]:
+            L.append(f"- `{e.splitlines()[0][:300]}`")
+        L.append("")
     return L
 
 
@@ -466,6 +613,7 @@ def render(data, kinds, plots_dir, md_path):
         L.append("Not measured (the lab benchmarks did not run).")
         L.append("")
 
+    L.extend(_synflood_section(kinds.get("synflood") or {}))
     vm = md_path.parent / "ipvs-vm.json"
     if vm.exists():
         L.extend(_ipvs_vm_section(json.loads(vm.read_text()), vm, md_path))
@@ -487,6 +635,8 @@ def render(data, kinds, plots_dir, md_path):
     if (md_path.parent / "ipvs-vm.json").exists() and ipvs and not ipvs.get("available"):
         notes.append("  It was run against kernel IPVS in an emulated guest: see \"Kernel IPVS "
                      "(emulated guest, ratios only)\" above.")
+    if not kinds.get("synflood"):
+        notes.append("- SYN flood (`bench_synflood.py`): did not run")
     missing_lab = [m for m in LAB_METRICS if m not in lab]
     if missing_lab:
         notes.append(f"- lab metrics without results: {', '.join(missing_lab)}")
@@ -498,11 +648,12 @@ def render(data, kinds, plots_dir, md_path):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2:
-        print("usage: python -m bench.report BENCH_JSON RESULTS_MD", file=sys.stderr)
+    if len(argv) < 2:
+        print("usage: python -m bench.report BENCH_JSON [MORE_JSON ...] RESULTS_MD",
+              file=sys.stderr)
         return 2
-    src, dst = Path(argv[0]), Path(argv[1])
-    data, kinds = load(src)
+    srcs, dst = [Path(a) for a in argv[:-1]], Path(argv[-1])
+    data, kinds = load(*srcs)
     plots = dst.parent / "plots"
     render(data, kinds, plots, dst)
     print(f"wrote {dst} and plots in {plots}/")
