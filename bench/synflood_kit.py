@@ -80,7 +80,7 @@ import time
 from pathlib import Path
 
 from control.lab import (CLIENT_IP, HTTP_PORT, INSIDE_VIP, LB_IN_IP, REPO_ROOT, RS_KEYS, Lab,
-                         LabError, _delete_namespace, _run, existing_namespaces)
+                         LabError, _delete_namespace, _run, existing_namespaces, stop_group)
 
 MODES = ("lvsdp-synproxy", "lvsdp-nat", "kernel-synproxy", "kernel-forward")
 PROTECTED = {"lvsdp-synproxy": True, "lvsdp-nat": False, "kernel-synproxy": True,
@@ -295,20 +295,7 @@ class ForwardLab:
         return proc
 
     def stop(self, proc, sig=signal.SIGTERM, timeout=5.0):
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                pass
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait(5)
-        return proc.returncode
+        return stop_group(proc, sig, timeout)
 
     def __enter__(self):
         try:

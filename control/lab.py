@@ -190,6 +190,25 @@ def _delete_namespace(name: str) -> None:
     _ip("netns", "del", name, check=False)
 
 
+def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 5.0) -> int:
+    """Signal the process group a daemon leads (started with ``start_new_session``), SIGKILL it
+    after `timeout`; returns the exit status."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(5)
+    return proc.returncode
+
+
 def cleanup_prefix(prefix: str) -> list[str]:
     """Remove what an earlier (crashed) lab with this prefix left: kill every process in its
     namespaces, delete the namespaces (veths and the bridge go with them) and its temp dirs.
@@ -318,20 +337,7 @@ class Lab:
     def stop(self, proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 5.0) -> int:
         """Stop one daemon started with `popen` (signal its process group, SIGKILL after
         `timeout`). Returns its exit status."""
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                pass
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait(5)
-        return proc.returncode
+        return stop_group(proc, sig, timeout)
 
     def daemons(self) -> list[subprocess.Popen]:
         return list(self._procs)

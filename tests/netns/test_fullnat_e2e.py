@@ -2,8 +2,6 @@
 client network: they have no route to 172.16.1.0/24 at all, and answer the balancer's local
 addresses (172.16.2.200/201, on its real-server side) instead."""
 
-import hashlib
-import json
 import os
 import re
 import textwrap
@@ -12,6 +10,7 @@ import pytest
 
 from control.lab import Lab, REPO_ROOT
 from control.labrun import LvsDp
+from tests.netns.clients import UPLOADER
 
 pytestmark = pytest.mark.netns
 CONF = REPO_ROOT / "examples" / "seed-fnat.conf"
@@ -78,20 +77,6 @@ UPLOAD_SINK = textwrap.dedent(r"""
         c.sendall(f"{h.hexdigest()} {n} {client} {peer[0]}\n".encode()); c.close()
 """)
 
-UPLOADER = textwrap.dedent(r"""
-    import hashlib, random, socket
-    data = random.Random(7).randbytes(50 << 20)
-    s = socket.create_connection(("172.16.1.100", 9000), timeout=60)
-    s.sendall(data)          # the first segment is full-size
-    s.shutdown(socket.SHUT_WR)
-    reply = b""
-    while not reply.endswith(b"\n"):
-        b = s.recv(4096)
-        if not b:
-            break
-        reply += b
-    print(hashlib.sha256(data).hexdigest(), reply.decode().strip())
-""")
 
 
 def test_50mb_each_way_through_fullnat_and_proxy_protocol(lab, tmp_path):
@@ -116,7 +101,7 @@ def test_50mb_each_way_through_fullnat_and_proxy_protocol(lab, tmp_path):
         r = lab.run("client", f"curl -sS --max-time 60 http://{lab.vip}:8080/big | sha256sum",
                     timeout=90)
         assert r.stdout.split()[0] == lab.bulk_sha256
-        out = lab.python("client", UPLOADER, timeout=120).stdout.split()
+        out = lab.python("client", ["-c", UPLOADER, "50", "60"], timeout=120).stdout.split()
     lab.stop(proc)
     local_sha, remote_sha, n, client, peer = out
     assert remote_sha == local_sha and int(n) == 50 << 20

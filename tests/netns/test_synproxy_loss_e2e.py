@@ -40,6 +40,7 @@ import pytest
 
 from control.lab import Lab, REPO_ROOT
 from control.labrun import LvsDp
+from tests.netns.clients import UPLOADER
 
 pytestmark = pytest.mark.netns
 EXAMPLES = REPO_ROOT / "examples"
@@ -121,20 +122,6 @@ UPLOAD_SINK = textwrap.dedent(r"""
         c.close()
 """)
 
-UPLOADER = textwrap.dedent(r"""
-    import hashlib, random, socket, sys
-    data = random.Random(7).randbytes(int(sys.argv[1]) << 20)
-    s = socket.create_connection(("172.16.1.100", 9000), timeout=float(sys.argv[2]))
-    s.sendall(data)          # the first segment is full-size
-    s.shutdown(socket.SHUT_WR)
-    reply = b""
-    while not reply.endswith(b"\n"):
-        b = s.recv(4096)
-        if not b:
-            break
-        reply += b
-    print(hashlib.sha256(data).hexdigest(), reply.decode().strip())
-""")
 
 
 def tcp_counters(lab, key):

@@ -1,6 +1,5 @@
 """The connection index and table: insert/lookup/delete against a dict, expiry, bounded size."""
 
-import random
 
 import numpy as np
 from hypothesis import given, settings, strategies as st

@@ -7,9 +7,8 @@ import struct
 from scapy.all import IP, TCP, UDP, Raw
 
 from dataplane import consts as C
-from dataplane import tables as T
 from dataplane.batch import run_packets
-from tests.unit.test_pipeline import CLIENT, RS3, RS4, VIP, build
+from tests.unit.test_pipeline import CLIENT, RS3, VIP, build
 
 LADDRS = ["172.16.2.200", "172.16.2.201"]
 NOW = 1000 * C.NS

@@ -16,7 +16,7 @@ from dataplane import fullnat as F
 from dataplane import tables as T
 from dataplane.batch import run_packets
 from tests.naive import fullnat as N
-from tests.unit.test_fullnat import CAP, O, checksums_ok, dump, load, option_block, with_options
+from tests.unit.test_fullnat import checksums_ok, dump, load, option_block, with_options
 from tests.unit.test_fullnat_pipeline import LADDRS, NOW, fnat, one, valid
 from tests.unit.test_pipeline import CLIENT, RS3, VIP
 from tests.unit import test_synproxy_pipeline as SPT

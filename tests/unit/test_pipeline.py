@@ -3,7 +3,6 @@ forward then reverse so the reverse case proves the connection state. Expected p
 by scapy independently of the engine."""
 
 import numpy as np
-import pytest
 from scapy.all import ICMP, IP, TCP, UDP, IPerror, TCPerror, UDPerror, Raw
 
 from control.apply import DestSpec, ServiceSpec, TableWriter
