@@ -262,6 +262,9 @@ def test_synproxy_partial_syn_held_segments_and_gso_while_syn_sent():
     assert v == C.VERDICT_DROP and wk.stats[C.STAT_SYNPROXY_ACK_STORED] == 1
     v, _, tx = _run(cfg, wk, _cli("PA", isn + 5, cookie + 1, data=b"g" * 5000), GSO)
     assert v == C.VERDICT_DROP and wk.stats[C.DROP_SYNPROXY_SYN_SENT] == 1
+    # Longer than a hold slot without being GSO (a jumbo frame): dropped too, never truncated.
+    v, _, tx = _run(cfg, wk, _cli("PA", isn + 5, cookie + 1, data=b"j" * 3000), PARTIAL)
+    assert v == C.VERDICT_DROP and wk.stats[C.DROP_SYNPROXY_SYN_SENT] == 2
     assert wk.stats[C.STAT_SYNPROXY_ACK_STORED] == 1
     rs = IP(src=RS3, dst=CLIENT) / TCP(sport=80, dport=40000, flags="SA", seq=77, ack=isn + 1,
                                        options=[("MSS", 1460)])
