@@ -32,8 +32,8 @@ from dataplane.prefetch import prefetch, prefetch_row
 from dataplane.sched import schedule
 
 SWEEP_PER_PACKET = 2
-SKB_SETTLE = C.NFQA_SKB_CSUMNOTREADY | C.NFQA_SKB_GSO     # skbinfo bits that need l4_settle
 SWEEP_IDLE = 4096
+SKB_SETTLE = C.NFQA_SKB_CSUMNOTREADY | C.NFQA_SKB_GSO     # skbinfo bits that need l4_settle
 _SVC_HASH_M = np.uint64(0x9E3779B97F4A7C15)
 _S40 = np.uint64(40)
 
