@@ -138,12 +138,12 @@ def test_established(benchmark, est_tables, case):
 
     def engine():
         calls.append(1)
-        K.run_established(cfg, wk, pristine, s.buf, s.off, s.length, s.cap, s.mark, s.verdict,
-                          nb, now, tx, True)
+        K.run_established(cfg, wk, pristine, s.buf, s.off, s.length, s.cap, s.mark, s.skbinfo,
+                          s.verdict, nb, now, tx, True)
 
     def restore_only():
-        K.run_established(cfg, wk, pristine, s.buf, s.off, s.length, s.cap, s.mark, s.verdict,
-                          nb, now, tx, False)
+        K.run_established(cfg, wk, pristine, s.buf, s.off, s.length, s.cap, s.mark, s.skbinfo,
+                          s.verdict, nb, now, tx, False)
 
     rewritten0, drops0, notours0 = int(wk.stats[C.STAT_REWRITTEN]), _drops(wk), int(wk.stats[C.STAT_NOT_OURS])
     benchmark.pedantic(engine, rounds=EST_ROUNDS[_size(case)], warmup_rounds=1, iterations=1)
@@ -170,7 +170,7 @@ def test_established(benchmark, est_tables, case):
     one = K.Slots(1)
     one.buf[0] = 0x60
     one_call = lambda: process_batch(cfg, wk, one.buf, one.off, one.length, one.cap, one.mark,
-                                     one.verdict, 1, now, tx)
+                                     one.skbinfo, one.verdict, 1, now, tx)
     one_call()
     dispatch_us = _median_time(lambda: [one_call() for _ in range(200)], 5) / 200 * 1e6
     net = gross - restore
@@ -220,8 +220,8 @@ def test_new_connection(benchmark, case):
     state = np.array([0, K.NOW_NS], np.int64)
 
     def run(n_batches, st=state, process=True):
-        K.run_new_conns(cfg, wk, template, s.buf, s.off, s.length, s.cap, s.mark, s.verdict,
-                        n_batches, st, dt, tx, process)
+        K.run_new_conns(cfg, wk, template, s.buf, s.off, s.length, s.cap, s.mark, s.skbinfo,
+                        s.verdict, n_batches, st, dt, tx, process)
 
     # Reach steady state: connections expire after live/BATCH batches and the sweep needs
     # slots / (2 * BATCH + 16) batches for a full pass over the table.
@@ -341,8 +341,8 @@ def test_synproxy_syn(benchmark):
 
     def run(n_batches, st=state, process=True):
         s.length[:] = 40
-        K.run_new_conns(cfg, wk, template, s.buf, s.off, s.length, s.cap, s.mark, s.verdict,
-                        n_batches, st, np.int64(1000), tx, process)
+        K.run_new_conns(cfg, wk, template, s.buf, s.off, s.length, s.cap, s.mark, s.skbinfo,
+                        s.verdict, n_batches, st, np.int64(1000), tx, process)
 
     run(4)
     sent0, ids0 = int(wk.stats[C.STAT_SYNPROXY_COOKIE_SENT]), int(state[0])

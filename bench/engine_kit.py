@@ -73,6 +73,7 @@ class Slots:
         self.length = np.full(n, PKT_LEN, np.int32)
         self.cap = np.full(n, SLOT, np.int32)
         self.mark = np.zeros(n, np.uint32)
+        self.skbinfo = np.zeros(n, np.uint8)
         self.verdict = np.zeros(n, np.uint8)
 
     def packet(self, i):
@@ -162,7 +163,7 @@ def prime(cfg, wk, n_conns, chunk=1 << 16):
             n = b - a
             fill_tcp(s.buf, s.off, caddrs[a:b], cports[a:b], vaddr, VPORT, flags, 1000, 40)
             s.length[:n] = 40
-            process_batch(cfg, wk, s.buf, s.off, s.length, s.cap, s.mark, s.verdict, n,
+            process_batch(cfg, wk, s.buf, s.off, s.length, s.cap, s.mark, s.skbinfo, s.verdict, n,
                           np.int64(NOW_NS), tx)
             bad = int(np.count_nonzero(s.verdict[:n] != C.VERDICT_REWRITE))
             if bad:
@@ -185,8 +186,8 @@ def established_pristine(n_conns, n_pkts, seed=1):
 
 
 @njit(**JIT)
-def run_established(cfg, wk, pristine, work, off, length, cap, mark, verdict, n_batches, now_ns,
-                    tx, process):
+def run_established(cfg, wk, pristine, work, off, length, cap, mark, skbinfo, verdict, n_batches,
+                    now_ns, tx, process):
     """For each of n_batches: copy pristine batch b into `work`, then (if process) run it.
     Returns a byte sum of the last batch so the copy cannot be optimised away."""
     bb = BATCH * SLOT
@@ -196,14 +197,14 @@ def run_established(cfg, wk, pristine, work, off, length, cap, mark, verdict, n_
         src = (b % nb_total) * bb
         work[:] = pristine[src:src + bb]
         if process:
-            process_batch(cfg, wk, work, off, length, cap, mark, verdict, BATCH, now_ns, tx)
+            process_batch(cfg, wk, work, off, length, cap, mark, skbinfo, verdict, BATCH, now_ns, tx)
         acc += np.int64(work[b & (bb - 1)])
     return acc
 
 
 @njit(**JIT)
-def run_new_conns(cfg, wk, template, work, off, length, cap, mark, verdict, n_batches, state,
-                  dt_ns, tx, process):
+def run_new_conns(cfg, wk, template, work, off, length, cap, mark, skbinfo, verdict, n_batches,
+                  state, dt_ns, tx, process):
     """New connections with expiry churn. Each batch holds BATCH SYNs for never-seen 4-tuples
     (client NEW_NET + id // PORTS_PER_ADDR, port PORT_BASE + id % PORTS_PER_ADDR, written from
     `template` with incremental checksum fixes); the clock advances dt_ns per batch, so older
@@ -228,7 +229,7 @@ def run_new_conns(cfg, wk, template, work, off, length, cap, mark, verdict, n_ba
             wr16(work, o + 36, csum_replace2(csum_replace4(t_tcpck, t_saddr, saddr), t_sport, sport))
         now += dt_ns
         if process:
-            process_batch(cfg, wk, work, off, length, cap, mark, verdict, BATCH, now, tx)
+            process_batch(cfg, wk, work, off, length, cap, mark, skbinfo, verdict, BATCH, now, tx)
     state[0] = nid
     state[1] = now
     return nid
@@ -242,7 +243,8 @@ def python_call_loop(cfg, wk, pristine, s, n_batches, tx):
     for b in range(n_batches):
         src = (b % nb_total) * bb
         np.copyto(s.buf, pristine[src:src + bb])
-        process_batch(cfg, wk, s.buf, s.off, s.length, s.cap, s.mark, s.verdict, BATCH, now, tx)
+        process_batch(cfg, wk, s.buf, s.off, s.length, s.cap, s.mark, s.skbinfo, s.verdict, BATCH,
+                      now, tx)
 
 
 def rss_bytes():

@@ -9,7 +9,8 @@ removes the namespaces with whatever is left).
 Modes (one balancer at a time, same lab, same service: VIP:80/tcp and VIP:9000/udp, rr over the
 two real servers, NAT):
 
-* ``lvsdp-netlink`` / ``lvsdp-nfqueue`` -- ``lvs-dp run CONFIG --backend ...`` (control/labrun.py)
+* ``lvsdp-netlink`` / ``lvsdp-nfqueue`` -- ``lvs-dp run CONFIG --backend ...`` (control/labrun.py);
+  ``lvsdp-netlink-nogso`` (only when named) adds ``--no-gso``
 * ``kernel-nat`` -- netfilter DNAT in nat PREROUTING, ``-m statistic --mode nth`` round robin;
   no SNAT (the real servers route the client network back through the balancer).
 * ``kernel-ipvs`` -- ipvsadm, NAT (-m), rr; only where the kernel has IPVS (`ipvs_status`).
@@ -45,6 +46,9 @@ WRK_CONNS = 32
 LVSDP_MODES = ("lvsdp-netlink", "lvsdp-nfqueue")
 KERNEL_MODES = ("kernel-nat", "kernel-ipvs")
 ALL_MODES = LVSDP_MODES + KERNEL_MODES
+# On request only (--modes): the netlink backend without NFQA_CFG_F_GSO (lvs-dp run --no-gso), to
+# measure what queueing GSO packets whole buys under the same load.
+EXTRA_MODES = ("lvsdp-netlink-nogso",)
 BASELINE = "kernel-nat"
 NAT_CHAIN = "BENCH-KNAT"
 START_TIMEOUT_S = 300
@@ -243,10 +247,11 @@ class Mode:
 
 
 class LvsDpMode(Mode):
-    def __init__(self, lab, config, backend):
+    def __init__(self, lab, config, backend, extra=(), name=None):
         super().__init__(lab, config)
         self.backend = backend
-        self.name = f"lvsdp-{backend}"
+        self.extra = tuple(extra)
+        self.name = name or f"lvsdp-{backend}"
         self.lb = None
         self.start_s = None
 
@@ -255,7 +260,8 @@ class LvsDpMode(Mode):
         t0 = time.monotonic()
         # A cold numba cache (any edit of dataplane/ selects a fresh one) compiles the engine
         # before the daemon answers: minutes on a busy machine, hence the generous timeout.
-        self.lb = LvsDp(self.lab, self.config, backend=self.backend).start(timeout=START_TIMEOUT_S)
+        self.lb = LvsDp(self.lab, self.config, backend=self.backend,
+                        extra=self.extra).start(timeout=START_TIMEOUT_S)
         self.start_s = time.monotonic() - t0
 
     def stop(self):
@@ -351,11 +357,13 @@ def make_mode(name, lab, config):
         return LvsDpMode(lab, config, "netlink")
     if name == "lvsdp-nfqueue":
         return LvsDpMode(lab, config, "nfqueue")
+    if name == "lvsdp-netlink-nogso":       # the netlink backend as before NFQA_CFG_F_GSO
+        return LvsDpMode(lab, config, "netlink", extra=["--no-gso"], name=name)
     if name == "kernel-nat":
         return KernelNatMode(lab, config)
     if name == "kernel-ipvs":
         return IpvsMode(lab, config)
-    raise ValueError(f"unknown mode {name!r}; expected one of {ALL_MODES}")
+    raise ValueError(f"unknown mode {name!r}; expected one of {ALL_MODES + EXTRA_MODES}")
 
 
 def round_order(modes, r):

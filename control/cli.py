@@ -51,6 +51,10 @@ def main(argv=None):
                         "SYN (default; the patched kernel's fullnat_timestamp_remove_entry 1) or "
                         "translate them onto one clock per local address, so the real servers "
                         "keep timestamps (RTT, PAWS) without tripping PAWS on reused tuples")
+    r.add_argument("--no-gso", dest="gso", action="store_false",
+                   help="netlink backend: do not set NFQA_CFG_F_GSO, so the kernel segments GSO "
+                        "packets and finishes offloaded checksums before queueing (slower for "
+                        "bulk TCP; kernel-notes/nfqueue-path.md §3.3)")
     r.add_argument("-v", "--verbose", action="store_true")
     r.add_argument("--metrics", metavar="ADDR:PORT",
                    help="serve Prometheus metrics on http://ADDR:PORT/metrics (off by default)")
@@ -85,7 +89,7 @@ def main(argv=None):
                           args.instance, args.max_conns, metrics=args.metrics,
                           socket_group=args.socket_group, lport_range=_port_range(args.lport_range),
                           expire_nodest_conn=args.expire_nodest_conn, synproxy=synproxy,
-                          fnat_timestamp=args.fnat_timestamp)
+                          fnat_timestamp=args.fnat_timestamp, gso=args.gso)
     if args.cmd == "list":
         return _list(args)
     if args.cmd in LIVE_COMMANDS:

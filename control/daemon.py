@@ -77,8 +77,10 @@ class Daemon:
     def __init__(self, config_path, socket_path=api.DEFAULT_SOCKET, backend="netlink", queues=1,
                  queue_base=0, instance="default", max_conns=1 << 20, allow_gid=None,
                  metrics_addr=None, lport_range=(T.LPORT_LO, T.LPORT_HI),
-                 expire_nodest_conn=False, synproxy_overrides=None, fnat_timestamp="strip"):
+                 expire_nodest_conn=False, synproxy_overrides=None, fnat_timestamp="strip",
+                 gso=True):
         self.config_path = config_path
+        self.gso = gso                  # netlink backend: NFQA_CFG_F_GSO (nfq_netlink docstring)
         self.sp_overrides = dict(synproxy_overrides or {})   # lvs-dp run --synproxy: field -> int
         self.sp_settings = None                             # the SynproxySettings in force
         self.expire_nodest_conn = expire_nodest_conn
@@ -172,7 +174,7 @@ class Daemon:
                 q = BindingQueue(num, self.cfg, wk)
             else:
                 from dataplane.nfq_netlink import NetlinkQueue
-                q = NetlinkQueue(num, None, self.cfg, wk)
+                q = NetlinkQueue(num, None, self.cfg, wk, gso=self.gso)
             q.open()
             self.queues.append(q)
 
@@ -685,7 +687,7 @@ def resolve_group(group):
 
 def run(config_path, socket_path, backend, queues, queue_base, instance, max_conns,
         metrics=None, socket_group=None, lport_range=(T.LPORT_LO, T.LPORT_HI),
-        expire_nodest_conn=False, synproxy=None, fnat_timestamp="strip"):
+        expire_nodest_conn=False, synproxy=None, fnat_timestamp="strip", gso=True):
     try:
         gid = resolve_group(socket_group)
     except ValueError as e:
@@ -694,7 +696,7 @@ def run(config_path, socket_path, backend, queues, queue_base, instance, max_con
     d = Daemon(config_path, socket_path, backend, queues, queue_base, instance, max_conns,
                allow_gid=gid, metrics_addr=metrics, lport_range=lport_range,
                expire_nodest_conn=expire_nodest_conn, synproxy_overrides=synproxy,
-               fnat_timestamp=fnat_timestamp)
+               fnat_timestamp=fnat_timestamp, gso=gso)
     d.install_signals()
     try:
         d.start()

@@ -23,6 +23,7 @@ class Batch:
         self.length = np.zeros(max_pkts, np.int32)
         self.cap = np.full(max_pkts, slot, np.int32)
         self.mark = np.zeros(max_pkts, np.uint32)
+        self.skbinfo = np.zeros(max_pkts, np.uint8)     # consts.NFQA_SKB_* per packet (tests)
         self.verdict = np.zeros(max_pkts, np.uint8)
         self.tx = T.new_tx(tx_slots)
         self.n = 0
@@ -30,15 +31,17 @@ class Batch:
     def clear(self):
         self.n = 0
 
-    def add(self, pkt, mark=0):
+    def add(self, pkt, mark=0, skbinfo=0):
         """Copy one packet in; returns its index. Oversized packets are truncated to the slot,
-        which the engine then reports as malformed (total length > captured length)."""
+        which the engine then reports as malformed (total length > captured length).
+        ``skbinfo``: the NFQA_SKB_INFO flags the kernel would have sent with it."""
         i = self.n
         data = np.frombuffer(pkt, np.uint8)[: self.slot]
         o = int(self.off[i])
         self.buf[o:o + len(data)] = data
         self.length[i] = len(data)
         self.mark[i] = mark
+        self.skbinfo[i] = skbinfo
         self.n = i + 1
         return i
 
@@ -48,7 +51,7 @@ class Batch:
 
     def run(self, cfg, wk, now_ns):
         process_batch(cfg, wk, self.buf, self.off, self.length, self.cap, self.mark,
-                      self.verdict, self.n, np.int64(now_ns), self.tx)
+                      self.skbinfo, self.verdict, self.n, np.int64(now_ns), self.tx)
         return self.verdict[: self.n]
 
     def tx_packets(self):
@@ -60,10 +63,10 @@ class Batch:
         return out
 
 
-def run_packets(cfg, wk, packets, now_ns, marks=None):
+def run_packets(cfg, wk, packets, now_ns, marks=None, skbinfo=None):
     """Convenience for tests: run a list of packets as one batch; return [(verdict, bytes)]."""
     b = Batch(max_pkts=max(1, len(packets)))
     for i, pkt in enumerate(packets):
-        b.add(pkt, 0 if marks is None else marks[i])
+        b.add(pkt, 0 if marks is None else marks[i], 0 if skbinfo is None else skbinfo[i])
     v = b.run(cfg, wk, now_ns)
     return [(int(v[i]), b.packet(i)) for i in range(b.n)]

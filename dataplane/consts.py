@@ -13,6 +13,15 @@ VERDICT_DROP = 0        # drop the packet (its reason is counted in the worker's
 VERDICT_ACCEPT = 1      # accept unchanged (not ours, or ours and nothing to rewrite)
 VERDICT_REWRITE = 2     # accept with the rewritten payload (buffer slice, new length)
 
+# --- per-packet input flags: process_batch's ``skbinfo`` array (uint8, one per packet) ------------
+# The kernel's NFQA_SKB_INFO bits (include/uapi/linux/netfilter/nfnetlink_queue.h), same values, so
+# the batched netlink backend copies the attribute as it is; 0 (every other caller) is "a finished
+# packet", today's behaviour. See dataplane/csum.py l4_settle for what the engine does with them.
+NFQA_SKB_CSUMNOTREADY = 1 << 0      # CHECKSUM_PARTIAL: the L4 check field holds the pseudo-header
+#                                     sum only; the payload was never summed
+NFQA_SKB_GSO = 1 << 1               # a GSO packet: larger than the MTU, segmented after us
+NFQA_SKB_CSUM_NOTVERIFIED = 1 << 2  # the checksum was not verified (informational)
+
 # --- worker counters: index into Worker.stats (uint64) -------------------------------------------
 # Drop reasons first; each one is a label in `lvs-dp list --stats` and in metrics.
 DROP_NONE = 0
@@ -38,6 +47,8 @@ N_DROP = 16
 # Drop reasons past N_DROP (the first 16 slots are full); their ids sit among the counters'.
 DROP_SYNPROXY_SYNSEND_QLEN = 36     # SYN-proxy: client segment while SYN_SENT beyond
 #                                     synproxy_ack_skb_store_thresh (the patch's SYNPROXY_SYNSEND_QLEN)
+DROP_CSUM_PARTIAL = 40      # rewritten packet whose partial checksum cannot be finished here (a
+#                             fragment, or not TCP/UDP, marked NFQA_SKB_CSUMNOTREADY/GSO)
 
 DROP_NAMES = {
     DROP_MALFORMED: "malformed",
@@ -55,6 +66,7 @@ DROP_NAMES = {
     DROP_SYNPROXY_RS_RST: "synproxy_rs_refused",
     DROP_SYNPROXY_DEFER: "synproxy_defer",
     DROP_SYNPROXY_SYNSEND_QLEN: "synproxy_synsend_qlen",
+    DROP_CSUM_PARTIAL: "csum_partial",
 }
 
 # Other counters follow the drop reasons in the same array.
@@ -87,6 +99,8 @@ STAT_SYNPROXY_NO_WAIT_SLOT = 38     # SYN-proxy: no wait slot free (no held segm
 #                                     SYN retries for that connection; Worker.sp_wait_cid)
 STAT_FNAT_REPLY_NO_CONN = 39    # FULLNAT: a packet to a local address matched no connection (late
                                 # after expiry, or steered to a worker that does not own its port)
+STAT_GSO_PACKETS = 41       # packets the engine saw marked NFQA_SKB_GSO (queued whole, > MTU)
+STAT_CSUM_SETTLED = 42      # rewritten packets whose L4 checksum l4_settle set from scratch
 N_STATS = 64
 
 STAT_NAMES = {
@@ -113,6 +127,8 @@ STAT_NAMES = {
     STAT_SYNPROXY_CONN_REUSED: "synproxy_conn_reused",
     STAT_SYNPROXY_NO_WAIT_SLOT: "synproxy_no_wait_slot",
     STAT_FNAT_REPLY_NO_CONN: "fnat_reply_no_conn",
+    STAT_GSO_PACKETS: "gso_packets",
+    STAT_CSUM_SETTLED: "csum_settled",
 }
 
 # --- protocols ------------------------------------------------------------------------------------

@@ -4,11 +4,14 @@ updates) over the batch buffer.
 Every function works on a uint8 buffer and offsets and returns plain ints; checksum values are the
 16-bit numbers as stored in the header (big-endian read). Incremental updates are what the packet
 path uses: a NAT rewrite touches 4 to 12 bytes and must not re-sum the payload. Full sums are for
-ICMP errors (their inner headers change and the message is short) and for tests.
+ICMP errors (their inner headers change and the message is short), for packets whose checksum the
+kernel left unfinished (`l4_settle`) and for tests.
 """
 
 import numpy as np
 from numba import njit
+
+from dataplane import consts as C
 
 JIT = dict(cache=True, nogil=True)
 # Tiny scalar helpers of the per-packet path: inlined into their callers at numba IR level, so
@@ -95,3 +98,57 @@ def l4_checksum(buf, ip_o, l4_o, l4_len, proto, check_at):
 def icmp_checksum(buf, o, n):
     s = sum16(buf, o, n) - rd16(buf, o + 2)
     return ~fold(s) & 0xFFFF
+
+
+@njit(**JIT)
+def pseudo_sum(buf, o, proto, l4_len):
+    """Folded (not complemented) IPv4 pseudo-header sum: saddr, daddr, proto, l4_len. This is what
+    a CHECKSUM_PARTIAL packet carries in its TCP/UDP check field (~csum_tcpudp_magic(.., 0))."""
+    return fold(sum16(buf, o + 12, 8) + proto + l4_len)
+
+
+# l4_settle results
+SETTLE_NONE = 0         # not TCP/UDP: nothing to settle (ICMP checksums are always summed in full)
+SETTLE_DONE = 1
+SETTLE_CANNOT = -1      # a TCP/UDP fragment or inconsistent lengths: the caller drops and counts
+
+
+@njit(**JIT)
+def l4_settle(buf, o, skbinfo):
+    """Write the TCP/UDP check field of the (rewritten) IPv4 packet at ``o`` from scratch, in the
+    form the kernel needs after a rewrite verdict, for a packet queued with NFQA_SKB_INFO flags
+    ``skbinfo`` (consts.NFQA_SKB_*); call it only when ``skbinfo`` has CSUMNOTREADY or GSO.
+
+    Why from scratch: such a packet's check field did not hold a checksum when it arrived
+    (CHECKSUM_PARTIAL: only the pseudo-header sum), so the incremental updates of the rewrite
+    left it meaningless. Which form: ``nfqnl_mangle()`` marks every packet given back with a
+    payload ``CHECKSUM_NONE`` -- nothing in the kernel completes a partial checksum after us --
+    so a packet that leaves as it is gets its full checksum. A GSO packet is segmented on its way
+    out, and segmentation starts from the check field as a pseudo-header sum (UDP:
+    ``__udp_gso_segment`` adjusts it per segment; TCP: ``tcp4_gso_segment`` rewrites it itself
+    because the packet is no longer CHECKSUM_PARTIAL), so it gets the pseudo-header sum of the
+    whole packet (``pseudo_sum``), as the sender's stack had put there. kernel-notes/
+    nfqueue-path.md §3.3 has the kernel side. Returns SETTLE_*."""
+    ihl = (np.int64(buf[o]) & 0xF) * 4
+    tot = rd16(buf, o + 2)
+    proto = np.int64(buf[o + 9])
+    if proto == C.IPPROTO_TCP:
+        at = o + ihl + 16
+        min_l4 = 20
+    elif proto == C.IPPROTO_UDP:
+        at = o + ihl + 6
+        min_l4 = 8
+    else:
+        return SETTLE_NONE
+    if (rd16(buf, o + 6) & 0x3FFF) != 0 or tot < ihl + min_l4:
+        return SETTLE_CANNOT
+    l4_len = tot - ihl
+    if skbinfo & C.NFQA_SKB_GSO:
+        wr16(buf, at, pseudo_sum(buf, o, proto, l4_len))
+        return SETTLE_DONE
+    wr16(buf, at, 0)
+    c = ~fold(sum16(buf, o + 12, 8) + proto + l4_len + sum16(buf, o + ihl, l4_len)) & 0xFFFF
+    if proto == C.IPPROTO_UDP and c == 0:
+        c = 0xFFFF
+    wr16(buf, at, c)
+    return SETTLE_DONE

@@ -13,11 +13,13 @@ batch at a time and never returns to Python per packet:
    the receive buffer ``rx`` (a netlink datagram is one kernel skb, one packet message).
 2. ``_parse_msgs`` walks each slot's netlink messages and fills the engine's packet arrays:
    ``off``/``length`` point at the IPv4 header inside ``rx`` (zero copy), ``cap`` is the room the
-   engine may grow into, ``mark`` is ``NFQA_MARK`` and ``pkt_id`` the id from ``NFQA_PACKET_HDR``.
+   engine may grow into, ``mark`` is ``NFQA_MARK``, ``skbinfo`` the ``NFQA_SKB_INFO`` flags
+   (consts.NFQA_SKB_*: checksum not ready, GSO) and ``pkt_id`` the id from ``NFQA_PACKET_HDR``.
    A message whose payload cannot be trusted (truncated by the slot, cut by copy_range, no payload,
    not AF_INET) but whose id is known goes to the ``bad_id`` list instead: it is dropped and
    counted, never shown to the engine and never accepted.
-3. ``process_batch(cfg, wk, rx, off, length, cap, mark, verdict, n, now_ns, tx)`` (the engine,
+3. ``process_batch(cfg, wk, rx, off, length, cap, mark, skbinfo, verdict, n, now_ns, tx)`` (the
+   engine,
    passed in: ``make_loop(process_batch)``) fills ``verdict``. It is also called with ``n = 0``
    when the receive times out, so an idle worker still expires connections.
 4. ``_build_verdicts`` writes every verdict of the batch into one buffer, sent with one ``send``:
@@ -47,9 +49,30 @@ its packet is dropped and counted (``DROP_TOO_BIG``).
 
 Queue configuration (``NetlinkQueue.open``): ``NFQNL_COPY_PACKET`` with copy range 0xffff (the
 kernel clamps it to ``NFQA_PAYLOAD_MAX``), ``NFQA_CFG_QUEUE_MAXLEN`` 8192, ``NFQA_CFG_MASK`` =
-``NFQA_CFG_F_FAIL_OPEN | NFQA_CFG_F_GSO`` with ``NFQA_CFG_FLAGS`` = 0: no GSO, so the kernel
-segments and completes checksums before queueing (we rewrite), and no fail-open, so an overloaded
-queue drops. Those drops are the kernel's ``queue_dropped`` (queue full) and ``user_dropped``
+``NFQA_CFG_F_FAIL_OPEN | NFQA_CFG_F_GSO`` with ``NFQA_CFG_FLAGS`` = ``NFQA_CFG_F_GSO``: no
+fail-open, so an overloaded queue drops; GSO, so a GSO packet (a sender's TSO burst crossing a
+veth, a NIC's GRO aggregate: up to 64 KiB) is queued whole, one message and one verdict instead
+of ~45, and a packet whose checksum is offloaded (CHECKSUM_PARTIAL) arrives unfinished instead of
+being summed by the kernel first (``skb_checksum_help`` in ``nfqnl_build_packet_message``).
+
+Why that is correct. Each such packet carries ``NFQA_SKB_INFO`` (``NFQA_SKB_CSUMNOTREADY``: its
+L4 check field holds only the pseudo-header sum; ``NFQA_SKB_GSO``); the flags go to the engine in
+``skbinfo``. A packet the engine accepts unchanged keeps its skb state and the kernel finishes it
+as it would have. A packet given back with a payload is marked ``CHECKSUM_NONE`` by
+``nfqnl_mangle()``, so the engine settles the check field of every rewritten flagged packet from
+scratch (``csum.l4_settle``): the full checksum for a packet that leaves as it is, the
+pseudo-header sum for a GSO packet, which the output path segments in software (a GSO skb that is
+not CHECKSUM_PARTIAL always is: ``netif_needs_gso``) starting from that field (UDP) or after
+rewriting it (TCP). Packets the engine sends itself (SYN-proxy's held segments) are finished
+before they are kept, and GSO packets are never held. kernel-notes/nfqueue-path.md §3.3. The
+cost of the flag: the engine sums the payload of small offloaded packets the kernel used to sum,
+and a GSO packet rewritten is copied back whole (up to 64 KiB in the verdict). A GSO packet
+larger than ``NFQA_PAYLOAD_MAX`` cannot be copied whole (``NFQA_CAP_LEN``): it is dropped and
+counted (``DROP_TOO_BIG``), never truncated; TCP's own GSO packets stay below that size (the
+stack keeps header room under its 64 KiB GSO limit). ``gso=False``
+restores the old configuration. ``nlq_stats`` counts ``gso_packets`` and ``csum_partial``.
+
+Those drops are the kernel's ``queue_dropped`` (queue full) and ``user_dropped``
 (socket buffer full) columns of /proc/net/netfilter/nfnetlink_queue; ``queue_stats`` reads them
 and mirrors their sum into ``wk.stats[DROP_OVERLOAD]``. ``NETLINK_NO_ENOBUFS`` keeps the socket
 from reporting those overruns as receive errors, and ``SO_RCVBUFFORCE`` gives it a large buffer.
@@ -126,6 +149,9 @@ NFQA_CT = 11
 NFQA_CT_INFO = 12
 NFQA_CAP_LEN = 13
 NFQA_SKB_INFO = 14
+# NFQA_SKB_INFO bits: consts.NFQA_SKB_CSUMNOTREADY, NFQA_SKB_GSO, NFQA_SKB_CSUM_NOTVERIFIED (the
+# engine's skbinfo array takes them as they are); unknown bits are masked off.
+SKB_INFO_KNOWN = C.NFQA_SKB_CSUMNOTREADY | C.NFQA_SKB_GSO | C.NFQA_SKB_CSUM_NOTVERIFIED
 
 NFQNL_CFG_CMD_NONE = 0
 NFQNL_CFG_CMD_BIND = 1
@@ -244,6 +270,8 @@ NLQ_S_TX_SENT = 14          # generated packets sent through the raw socket
 NLQ_S_TX_ERR = 15           # generated packets not sent (bad bounds or sendmmsg failure)
 NLQ_S_LAST_ERRNO = 16       # errno of the last failed send/recv/sendmmsg
 NLQ_S_NL_LAST_ERROR = 17    # -error of the last NLMSG_ERROR
+NLQ_S_GSO = 18              # packets handed to the engine marked NFQA_SKB_GSO (queued whole)
+NLQ_S_CSUM_PARTIAL = 19     # packets handed to the engine marked NFQA_SKB_CSUMNOTREADY
 N_NLQ = 24
 
 NLQ_NAMES = {
@@ -253,7 +281,8 @@ NLQ_NAMES = {
     NLQ_S_LOST: "lost", NLQ_S_NL_ERROR: "netlink_errors", NLQ_S_SEND_ERR: "send_errors",
     NLQ_S_SENDS: "sends", NLQ_S_ENOBUFS: "enobufs", NLQ_S_TX_SENT: "tx_sent",
     NLQ_S_TX_ERR: "tx_errors", NLQ_S_LAST_ERRNO: "last_errno",
-    NLQ_S_NL_LAST_ERROR: "last_netlink_error",
+    NLQ_S_NL_LAST_ERROR: "last_netlink_error", NLQ_S_GSO: "gso_packets",
+    NLQ_S_CSUM_PARTIAL: "csum_partial",
 }
 
 # Per-batch parse counters (``cnt`` argument of _parse_msgs).
@@ -349,8 +378,8 @@ def _wr_be32(b, p, v):
 
 # --- parse: netlink messages -> packet arrays ----------------------------------------------------
 @njit(**JIT_OPTIONS)
-def _parse_msgs(buf, start, end, limit, truncated, pkt_id, off, length, cap, mark, bad_id, cnt,
-                nlq, stats):
+def _parse_msgs(buf, start, end, limit, truncated, pkt_id, off, length, cap, mark, skbinfo,
+                bad_id, cnt, nlq, stats):
     """Walk the netlink messages in ``buf[start:end]`` (one received datagram; ``limit`` is the
     end of its slot, ``truncated`` its MSG_TRUNC flag) and append every NFQNL_MSG_PACKET to the
     packet arrays at ``cnt[PC_N]``, or its id to ``bad_id`` at ``cnt[PC_BAD]``. Never raises."""
@@ -379,6 +408,7 @@ def _parse_msgs(buf, start, end, limit, truncated, pkt_id, off, length, cap, mar
             have_id = False
             pid = np.int64(0)
             pmark = np.int64(0)
+            pinfo = np.int64(0)
             poff = np.int64(-1)
             plen = np.int64(0)
             cap_len = np.int64(0)
@@ -401,6 +431,8 @@ def _parse_msgs(buf, start, end, limit, truncated, pkt_id, off, length, cap, mar
                     pmark = _rd_be32(buf, body)
                 elif atype == NFQA_CAP_LEN and alen >= NLA_HDRLEN + 4:
                     cap_len = _rd_be32(buf, body)
+                elif atype == NFQA_SKB_INFO and alen >= NLA_HDRLEN + 4:
+                    pinfo = _rd_be32(buf, body) & SKB_INFO_KNOWN
                 elif atype == NFQA_PAYLOAD:
                     poff = body
                     plen = alen - NLA_HDRLEN
@@ -428,6 +460,11 @@ def _parse_msgs(buf, start, end, limit, truncated, pkt_id, off, length, cap, mar
                     length[i] = plen
                     cap[i] = room
                     mark[i] = pmark
+                    skbinfo[i] = pinfo
+                    if pinfo & C.NFQA_SKB_GSO:
+                        nlq[NLQ_S_GSO] += 1
+                    if pinfo & C.NFQA_SKB_CSUMNOTREADY:
+                        nlq[NLQ_S_CSUM_PARTIAL] += 1
                     cnt[PC_N] = i + 1
                 elif cnt[PC_BAD] < bad_id.size:
                     if good:                # no room in the packet arrays: cannot happen with
@@ -602,7 +639,7 @@ def make_loop(process_batch):
     pipeline's signature). The result is a nogil dispatcher, cached on disk per engine."""
 
     def _nfq_loop(fd, raw_fd, res_id, cfg, wk, tx, rx, rx_mm, slot_size, pkt_id, off, length,
-                  cap, mark, verdict, bad_id, cnt, vbuf, tx_mm, tx_iov, tx_sin, ts, nlq,
+                  cap, mark, skbinfo, verdict, bad_id, cnt, vbuf, tx_mm, tx_iov, tx_sin, ts, nlq,
                   max_batches, budget_ns, batch_verdict):
         """Returns (packets, RET_*, errno)."""
         # Borrowed for the loop's life (dataplane/borrow.py): the caller holds the arrays, and
@@ -610,8 +647,8 @@ def make_loop(process_batch):
         cfg = borrow(cfg)
         wk = borrow(wk)
         tx = borrow(tx)
-        rx, pkt_id, off, length, cap, mark, verdict, bad_id, cnt, vbuf, nlq = borrow(
-            (rx, pkt_id, off, length, cap, mark, verdict, bad_id, cnt, vbuf, nlq))
+        rx, pkt_id, off, length, cap, mark, skbinfo, verdict, bad_id, cnt, vbuf, nlq = borrow(
+            (rx, pkt_id, off, length, cap, mark, skbinfo, verdict, bad_id, cnt, vbuf, nlq))
         total = 0
         t0 = _now_ns(ts)
         n_slots = rx_mm.size
@@ -621,8 +658,8 @@ def make_loop(process_batch):
                 err = _errno_now()
                 if err == _EAGAIN:
                     # Idle: an empty batch lets the engine expire connections.
-                    process_batch(cfg, wk, rx, off, length, cap, mark, verdict, 0, _now_ns(ts),
-                                  tx)
+                    process_batch(cfg, wk, rx, off, length, cap, mark, skbinfo, verdict, 0,
+                                  _now_ns(ts), tx)
                     if tx.count[0] > 0:
                         _send_tx(raw_fd, tx, tx_mm, tx_iov, tx_sin, nlq)
                     return total, RET_TIMEOUT, 0
@@ -642,10 +679,11 @@ def make_loop(process_batch):
                 got = np.int64(rx_mm[s].msg_len)
                 truncated = (rx_mm[s].msg_flags & MSG_TRUNC) != 0
                 _parse_msgs(rx, base, base + min(got, slot_size), base + slot_size, truncated,
-                            pkt_id, off, length, cap, mark, bad_id, cnt, nlq, wk.stats)
+                            pkt_id, off, length, cap, mark, skbinfo, bad_id, cnt, nlq, wk.stats)
             n = cnt[PC_N]
             verdict[:n] = C.VERDICT_DROP
-            process_batch(cfg, wk, rx, off, length, cap, mark, verdict, n, _now_ns(ts), tx)
+            process_batch(cfg, wk, rx, off, length, cap, mark, skbinfo, verdict, n, _now_ns(ts),
+                          tx)
             nlq[NLQ_S_PACKETS] += n
             total += n
             batch_ok = _use_batch_verdict(verdict, n, cnt[PC_LOST], batch_verdict)
@@ -784,7 +822,7 @@ def iter_nlmsgs(data):
 
 # --- wrappers of the kernels (tests, tools) ------------------------------------------------------
 Parsed = namedtuple("Parsed", ["pkt_id", "mark", "off", "length", "cap", "bad_id", "lost",
-                               "nlq"])
+                               "nlq", "skbinfo"])
 
 
 def parse_msgs(data, limit=None, truncated=False, max_packets=64):
@@ -801,15 +839,17 @@ def parse_msgs(data, limit=None, truncated=False, max_packets=64):
     length = np.zeros(max_packets, np.int32)
     cap = np.zeros(max_packets, np.int32)
     mark = np.zeros(max_packets, np.uint32)
+    skbinfo = np.zeros(max_packets, np.uint8)
     bad_id = np.zeros(max_packets, np.uint32)
     cnt = np.zeros(N_PC, np.int64)
     nlq = np.zeros(N_NLQ, np.uint64)
     stats = np.zeros(C.N_STATS, np.uint64)
-    _parse_msgs(buf, 0, len(data), limit, truncated, pkt_id, off, length, cap, mark, bad_id, cnt,
-                nlq, stats)
+    _parse_msgs(buf, 0, len(data), limit, truncated, pkt_id, off, length, cap, mark, skbinfo,
+                bad_id, cnt, nlq, stats)
     n, nb = int(cnt[PC_N]), int(cnt[PC_BAD])
     return Parsed(pkt_id[:n].tolist(), mark[:n].tolist(), off[:n].tolist(), length[:n].tolist(),
-                  cap[:n].tolist(), bad_id[:nb].tolist(), int(cnt[PC_LOST]), nlq)
+                  cap[:n].tolist(), bad_id[:nb].tolist(), int(cnt[PC_LOST]), nlq,
+                  skbinfo[:n].tolist())
 
 
 def build_verdicts(res_id, ids, verdicts, payloads=None, batch_verdict=False, bad_ids=(),
@@ -875,7 +915,7 @@ class NetlinkQueue:
 
     def __init__(self, queue_num, engine, cfg, wk, batch=64, *, tx=None, maxlen=8192,
                  rcvbuf=32 << 20, slot_size=DEFAULT_SLOT_SIZE, vbuf_size=DEFAULT_VBUF_SIZE,
-                 timeout_s=0.1, budget_s=0.1, batch_verdict=True):
+                 timeout_s=0.1, budget_s=0.1, batch_verdict=True, gso=True):
         if not 0 <= queue_num <= 0xFFFF:
             raise ValueError("queue_num must be 0..65535")
         if not 1 <= batch <= 1024:
@@ -895,6 +935,7 @@ class NetlinkQueue:
         self.slot_size, self.timeout_s = slot_size, timeout_s
         self.budget_ns = int(budget_s * C.NS)
         self.batch_verdict = bool(batch_verdict)
+        self.gso = bool(gso)
         self.nlq_stats = np.zeros(N_NLQ, np.uint64)
         self.last_return = None         # (packets, RET_*, errno) of the last run_once
         self.open_seconds = None        # wall time of open(), compile or cache load included
@@ -917,6 +958,7 @@ class NetlinkQueue:
         self._length = np.zeros(max_pkts, np.int32)
         self._cap = np.zeros(max_pkts, np.int32)
         self._mark = np.zeros(max_pkts, np.uint32)
+        self._skbinfo = np.zeros(max_pkts, np.uint8)
         self._verdict = np.zeros(max_pkts, np.uint8)
         self._bad_id = np.zeros(max_pkts, np.uint32)
         self._cnt = np.zeros(N_PC, np.int64)
@@ -968,7 +1010,8 @@ class NetlinkQueue:
         # One message: bind, copy mode, queue length, flags, so no packet arrives in the
         # instance's default META mode.
         self._config(cmd=NFQNL_CFG_CMD_BIND, copy_mode=NFQNL_COPY_PACKET, copy_range=0xFFFF,
-                     maxlen=self.maxlen, mask=NFQA_CFG_F_FAIL_OPEN | NFQA_CFG_F_GSO, flags=0)
+                     maxlen=self.maxlen, mask=NFQA_CFG_F_FAIL_OPEN | NFQA_CFG_F_GSO,
+                     flags=NFQA_CFG_F_GSO if self.gso else 0)
         self._raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
         self._proc_fd = os.open(f"/proc/thread-self/{PROC_NFQ}", os.O_RDONLY)
 
@@ -1032,8 +1075,8 @@ class NetlinkQueue:
     def _call(self, fd, raw_fd, max_batches):
         return self._loop(fd, raw_fd, self.queue_num, self.cfg, self.wk, self.tx, self._rx,
                           self._rx_mm, self.slot_size, self._pkt_id, self._off, self._length,
-                          self._cap, self._mark, self._verdict, self._bad_id, self._cnt,
-                          self._vbuf, self._tx_mm, self._tx_iov, self._tx_sin, self._ts,
+                          self._cap, self._mark, self._skbinfo, self._verdict, self._bad_id,
+                          self._cnt, self._vbuf, self._tx_mm, self._tx_iov, self._tx_sin, self._ts,
                           self.nlq_stats, max_batches, self.budget_ns, self.batch_verdict)
 
     def run_once(self, max_batches=1024):

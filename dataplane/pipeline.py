@@ -26,12 +26,14 @@ from dataplane import parse as P
 from dataplane import synproxy as SP
 from dataplane import tables as T
 from dataplane.borrow import borrow
-from dataplane.csum import JIT, csum_replace2, csum_replace4, rd16, rd32, wr16, wr32
+from dataplane.csum import JIT, SETTLE_CANNOT, SETTLE_DONE, csum_replace2, csum_replace4, \
+    l4_settle, rd16, rd32, wr16, wr32
 from dataplane.prefetch import prefetch, prefetch_row
 from dataplane.sched import schedule
 
 SWEEP_PER_PACKET = 2
 SWEEP_IDLE = 4096
+SKB_SETTLE = C.NFQA_SKB_CSUMNOTREADY | C.NFQA_SKB_GSO     # skbinfo bits that need l4_settle
 _SVC_HASH_M = np.uint64(0x9E3779B97F4A7C15)
 _S40 = np.uint64(40)
 
@@ -678,17 +680,20 @@ SP_HOLD_MAX = T.SP_HOLD_BYTES - 128     # room for TOA / a PROXY header on the w
 
 
 @njit(**JIT)
-def _sp_hold(cfg, wk, buf, o, plen, l4, cid, tflags):
+def _sp_hold(cfg, wk, buf, o, plen, l4, cid, tflags, info):
     """A client segment of a SYN_SENT connection. One with data or FIN is copied into the
     connection's wait slot, up to SPC_ACK_STORE_MAX of them (STAT_SYNPROXY_ACK_STORED; more:
     DROP_SYNPROXY_SYNSEND_QLEN). Pure ACKs, retransmissions of a held segment (same seq) and
-    segments with no slot or too long to hold: DROP_SYNPROXY_SYN_SENT. The caller drops the
+    segments with no slot or too long to hold (SP_HOLD_MAX; every GSO packet, which would also
+    be too long for the raw socket that sends held segments on): DROP_SYNPROXY_SYN_SENT, the
+    client retransmits. A held copy leaves through the raw socket, as it is: a partial checksum
+    (``info``, NFQA_SKB_CSUMNOTREADY) is finished before the copy. The caller drops the
     original either way."""
     doff = (np.int64(buf[l4 + P.TCP_DOFF]) >> 4) * 4
     payload = rd16(buf, o + P.IP_TOT_LEN) - (l4 - o) - doff
     h = sp_wait_find(wk, cid)
     if ((payload <= 0 and (tflags & C.TH_FIN) == 0) or (tflags & (C.TH_SYN | C.TH_RST)) != 0
-            or h < 0 or plen > SP_HOLD_MAX):
+            or h < 0 or plen > SP_HOLD_MAX or (info & C.NFQA_SKB_GSO) != 0):
         wk.stats[C.DROP_SYNPROXY_SYN_SENT] += 1
         return
     n = np.int64(wk.sp_hold_n[h])
@@ -701,6 +706,8 @@ def _sp_hold(cfg, wk, buf, o, plen, l4, cid, tflags):
     if n >= min(cfg.sp_cfg[SP.SPC_ACK_STORE_MAX], np.int64(T.SP_HOLD_SEGS)):
         wk.stats[C.DROP_SYNPROXY_SYNSEND_QLEN] += 1
         return
+    if info & C.NFQA_SKB_CSUMNOTREADY:
+        l4_settle(buf, o, np.int64(C.NFQA_SKB_CSUMNOTREADY))
     for j in range(plen):
         wk.sp_hold[h, n, j] = buf[o + j]
     wk.sp_hold_len[h, n] = plen
@@ -768,7 +775,7 @@ def _sp_abort(cfg, wk, cid, tx):
 
 
 @njit(**JIT)
-def synproxy_conn(cfg, wk, buf, o, plen, cap, l4, direction, cid, tflags, now_ns, tx):
+def synproxy_conn(cfg, wk, buf, o, plen, cap, l4, direction, cid, tflags, now_ns, tx, info):
     """A packet of a SYN-proxy connection (CONN_F_SYNPROXY, TCP). Returns the packet's new
     length (VERDICT_REWRITE), or -1 to drop it (its reason or its consumption counted).
 
@@ -779,7 +786,7 @@ def synproxy_conn(cfg, wk, buf, o, plen, cap, l4, direction, cid, tflags, now_ns
     c = wk.conn[cid]
     if c['state'] == C.IP_VS_TCP_S_SYN_SENT:
         if direction == C.DIR_IN:
-            _sp_hold(cfg, wk, buf, o, plen, l4, cid, tflags)
+            _sp_hold(cfg, wk, buf, o, plen, l4, cid, tflags, info)
             _sp_syn_retry(cfg, wk, cid, tx, now_ns)
             return np.int64(-1)
         if tflags & C.TH_RST:
@@ -860,9 +867,18 @@ def synproxy_conn(cfg, wk, buf, o, plen, cap, l4, direction, cid, tflags, now_ns
 
 
 @njit(**JIT)
-def process_batch(cfg, wk, buf, off, length, cap, mark, verdict, n, now_ns, tx):
+def process_batch(cfg, wk, buf, off, length, cap, mark, skbinfo, verdict, n, now_ns, tx):
     """Process packets 0..n-1 of a batch in place; fill verdict[i] (and length[i] if it
     changes). Also expires a bounded number of connections, more when the batch is empty.
+
+    ``skbinfo[i]`` (uint8) is the packet's NFQA_SKB_INFO flags (consts.NFQA_SKB_*), 0 for a
+    finished packet (every caller but the batched netlink backend passes zeros). A packet whose
+    checksum the kernel left unfinished (CSUMNOTREADY) or that is GSO is rewritten like any other
+    (the incremental checksum updates then produce garbage in its L4 check field), and a last
+    pass writes that field from scratch in the form the kernel needs (csum.l4_settle) for every
+    such packet with a REWRITE verdict; one that cannot be settled (a fragment) is dropped and
+    counted (DROP_CSUM_PARTIAL). Packets held or sent on by SYN-proxy are settled before they are
+    copied (_sp_hold); GSO packets are never held.
 
     The established-connection path is written out here, in one function body, on purpose:
     every numba call that passes arrays and branches inside costs NRT reference counting that
@@ -1010,7 +1026,7 @@ def process_batch(cfg, wk, buf, off, length, cap, mark, verdict, n, now_ns, tx):
         is_called_out = (c['flags'] & C.CONN_F_SYNPROXY) != 0
         if is_called_out:
             called_out = synproxy_conn(cfg, wk, buf, o, plen, np.int64(cap[i]), l4, direction,
-                                       cid, tflags, now_ns, tx)
+                                       cid, tflags, now_ns, tx, np.int64(skbinfo[i]))
         # --- state machine and timeout (IPVS set_tcp_state) -----------------------------------
         st = np.int64(c['state'])
         if proto == C.IPPROTO_TCP and not is_called_out:
@@ -1086,6 +1102,19 @@ def process_batch(cfg, wk, buf, off, length, cap, mark, verdict, n, now_ns, tx):
         dest_cnt[d, col + 2] += tot
         stats[C.STAT_REWRITTEN] += 1
         verdict[i] = C.VERDICT_REWRITE
+    # Pass 4: finish the checksums the kernel left partial (see the docstring).
+    for i in range(n):
+        info = np.int64(skbinfo[i])
+        if info != 0:
+            if info & C.NFQA_SKB_GSO:
+                stats[C.STAT_GSO_PACKETS] += 1
+            if (info & SKB_SETTLE) != 0 and verdict[i] == C.VERDICT_REWRITE:
+                r = l4_settle(buf, off[i], info)
+                if r == SETTLE_DONE:
+                    stats[C.STAT_CSUM_SETTLED] += 1
+                elif r == SETTLE_CANNOT:
+                    stats[C.DROP_CSUM_PARTIAL] += 1
+                    verdict[i] = C.VERDICT_DROP
     CT.sweep(wk, cfg, now_ns, SWEEP_IDLE if n == 0 else SWEEP_PER_PACKET * n + 16)
     if wk.ctl[T.CTL_SP_SCAN_NS] <= now_ns:
         sp_retry_scan(cfg, wk, now_ns, tx)

@@ -107,7 +107,7 @@ IDLE_TICKS = C.N_STATS - 1      # a spare counter: accept_engine counts its n ==
 
 
 @njit(cache=True, nogil=True)
-def accept_engine(cfg, wk, buf, off, length, cap, mark, verdict, n, now_ns, tx):
+def accept_engine(cfg, wk, buf, off, length, cap, mark, skbinfo, verdict, n, now_ns, tx):
     for i in range(n):
         verdict[i] = C.VERDICT_ACCEPT
     wk.stats[C.STAT_PKTS] += n
@@ -116,7 +116,7 @@ def accept_engine(cfg, wk, buf, off, length, cap, mark, verdict, n, now_ns, tx):
 
 
 @njit(cache=True, nogil=True)
-def drop_engine(cfg, wk, buf, off, length, cap, mark, verdict, n, now_ns, tx):
+def drop_engine(cfg, wk, buf, off, length, cap, mark, skbinfo, verdict, n, now_ns, tx):
     for i in range(n):
         verdict[i] = C.VERDICT_DROP
     wk.stats[C.DROP_NO_DEST] += n
@@ -140,7 +140,7 @@ def _csum_fold(s):
 
 
 @njit(cache=True, nogil=True)
-def upper_engine(cfg, wk, buf, off, length, cap, mark, verdict, n, now_ns, tx):
+def upper_engine(cfg, wk, buf, off, length, cap, mark, skbinfo, verdict, n, now_ns, tx):
     """Upper-cases the UDP payload (same length) and recomputes the UDP checksum."""
     for i in range(n):
         p = off[i]
@@ -165,7 +165,7 @@ def upper_engine(cfg, wk, buf, off, length, cap, mark, verdict, n, now_ns, tx):
 
 
 @njit(cache=True, nogil=True)
-def reply_engine(cfg, wk, buf, off, length, cap, mark, verdict, n, now_ns, tx):
+def reply_engine(cfg, wk, buf, off, length, cap, mark, skbinfo, verdict, n, now_ns, tx):
     """Accepts, and for each packet emits a generated 'ack' UDP packet (B -> A:9998) through tx."""
     for i in range(n):
         verdict[i] = C.VERDICT_ACCEPT

@@ -340,3 +340,21 @@ def test_backend_constructor_validates():
         q.run_once()
     # receive slots: each iovec points at its own slot of rx
     assert np.all(np.diff(q._rx_iov["iov_base"].astype(np.int64)) == q.slot_size)
+
+
+# --- NFQA_SKB_INFO (queue configured with NFQA_CFG_F_GSO) -------------------------------------------
+def test_parse_skb_info_flags_reach_the_engine_array():
+    gso = _attr(14, struct.pack("!I", C.NFQA_SKB_GSO | C.NFQA_SKB_CSUMNOTREADY))     # NFQA_SKB_INFO
+    partial = _attr(14, struct.pack("!I", C.NFQA_SKB_CSUMNOTREADY))
+    odd = _attr(14, struct.pack("!I", 0xFFFF0000 | C.NFQA_SKB_CSUM_NOTVERIFIED))   # unknown bits
+    big = ipv4_udp(b"g" * 9000)
+    data = (packet_msg(1, big, extra=gso) + packet_msg(2, ipv4_udp(), extra=partial)
+            + packet_msg(3, ipv4_udp()) + packet_msg(4, ipv4_udp(), extra=odd))
+    p = nq.parse_msgs(data)
+    assert p.pkt_id == [1, 2, 3, 4]
+    assert p.skbinfo == [C.NFQA_SKB_GSO | C.NFQA_SKB_CSUMNOTREADY, C.NFQA_SKB_CSUMNOTREADY, 0,
+                         C.NFQA_SKB_CSUM_NOTVERIFIED]
+    assert p.length[0] == len(big)                      # larger than any MTU, whole
+    assert p.nlq[nq.NLQ_S_GSO] == 1 and p.nlq[nq.NLQ_S_CSUM_PARTIAL] == 2
+    assert _as_tuples(p) == naive_parse(data)
+
