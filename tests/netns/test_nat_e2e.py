@@ -97,6 +97,7 @@ def test_udp_answers_from_vip_and_sticks_to_one_real_server(lab):
 
 
 PORT_UNREACH_CLIENT = r"""
+import socket
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.settimeout(3)
 s.connect(("172.16.1.100", 54))
