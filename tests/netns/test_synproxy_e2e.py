@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from control.lab import Lab, REPO_ROOT
+from control.lab import CLIENT_IP, LB_IN_IP, Lab, REPO_ROOT
 from control.labrun import LvsDp
 
 pytestmark = pytest.mark.netns
@@ -40,18 +40,48 @@ def syn_recv(lab, rs):
     return [line for line in out.splitlines() if line.strip()]
 
 
-def test_nat_syn_proxy_curl_flood_and_forged_acks(lab, tmp_path):
-    conf = with_syn_proxy(EXAMPLES / "seed-nat.conf", tmp_path / "nat-sp.conf", "NAT")
-    with LvsDp(lab, conf) as lb:
-        bodies = [lab.curl(f"http://{lab.vip}/").stdout.strip() for _ in range(6)]
-        assert all(b in HELLO for b in bodies) and len(set(bodies)) == 2, bodies
-        dp = lb.snapshot()["dataplane"]
-        assert dp["counters"]["synproxy_cookie_sent"] >= 6
-        assert dp["counters"]["synproxy_ack_ok"] >= 6
-        assert dp["counters"]["synproxy_rs_synack"] >= 6
-        # A spoofed-source SYN flood (5000 SYNs, ~5 s), curl keeps working meanwhile.
+def _syn_counters(lab, legit, on=True):
+    """In each real server, a chain SPCOUNT whose last rule counts SYNs to port 80 from any
+    source but `legit` (the real client or the local addresses, and the balancer's health
+    checks); `on=False` removes it."""
+    for rs in ("rs3", "rs4"):
+        if not on:
+            lab.run(rs, "iptables -D INPUT -p tcp --syn --dport 80 -j SPCOUNT", check=False)
+            lab.run(rs, "iptables -F SPCOUNT", check=False)
+            lab.run(rs, "iptables -X SPCOUNT", check=False)
+            continue
+        lab.run(rs, "iptables -N SPCOUNT")
+        for a in legit:
+            lab.run(rs, f"iptables -A SPCOUNT -s {a} -j RETURN")
+        lab.run(rs, "iptables -A SPCOUNT -j RETURN")
+        lab.run(rs, "iptables -I INPUT -p tcp --syn --dport 80 -j SPCOUNT")
+
+
+def _other_syns(lab):
+    n = 0
+    for rs in ("rs3", "rs4"):
+        rules = lab.run(rs, "iptables -nvxL SPCOUNT").stdout.strip().splitlines()
+        n += int(rules[-1].split()[0])       # the catch-all rule's packet count
+    return n
+
+
+def flood_while_serving(lab, lb, legit):
+    """A spoofed-source SYN flood at the VIP (5000 SYNs, ~5 s, from the client namespace) while
+    curl keeps connecting and a rate-limited download that started before it runs through it.
+    Checks: every curl answered, the download complete, no SYN from the flood at the real
+    servers, nothing half-open there, cookies sent."""
+    _syn_counters(lab, legit)
+    try:
+        size = int(lab.bulk_mb * (1 << 20))
+        rate = max(size // 6, 1)             # lasts ~6 s: longer than the flood
+        download = lab.popen("client", ["curl", "-sS", "--max-time", "30", "--limit-rate", str(rate),
+                                        "-o", "/dev/null", "-w", "%{http_code} %{size_download}\n",
+                                        f"http://{lab.vip}/big"],
+                             name=f"download-{len(lab.daemons())}")
+        time.sleep(0.5)
         flood = lab.popen("client", ["hping3", "-q", "-S", "--rand-source", "-p", "80",
-                                     "-i", "u1000", "-c", "5000", lab.vip], name="synflood")
+                                     "-i", "u1000", "-c", "5000", lab.vip],
+                          name=f"synflood-{len(lab.daemons())}")
         try:
             during = []
             half_open = []
@@ -65,11 +95,32 @@ def test_nat_syn_proxy_curl_flood_and_forged_acks(lab, tmp_path):
                 pass
         finally:
             lab.stop(flood)
+        try:
+            download.wait(timeout=30)
+        finally:
+            lab.stop(download)
         assert during and all(b in HELLO for b in during), during
         assert half_open == []
         assert syn_recv(lab, "rs3") == [] and syn_recv(lab, "rs4") == []
+        # The connection established before the flood was not reset by it.
+        assert download.log_path.read_text().split() == ["200", str(size)]
+        assert _other_syns(lab) == 0
+    finally:
+        _syn_counters(lab, legit, on=False)
+    dp = lb.snapshot()["dataplane"]
+    assert dp["counters"]["synproxy_cookie_sent"] >= 1000
+
+
+def test_nat_syn_proxy_curl_flood_and_forged_acks(lab, tmp_path):
+    conf = with_syn_proxy(EXAMPLES / "seed-nat.conf", tmp_path / "nat-sp.conf", "NAT")
+    with LvsDp(lab, conf) as lb:
+        bodies = [lab.curl(f"http://{lab.vip}/").stdout.strip() for _ in range(6)]
+        assert all(b in HELLO for b in bodies) and len(set(bodies)) == 2, bodies
         dp = lb.snapshot()["dataplane"]
-        assert dp["counters"]["synproxy_cookie_sent"] >= 1000
+        assert dp["counters"]["synproxy_cookie_sent"] >= 6
+        assert dp["counters"]["synproxy_ack_ok"] >= 6
+        assert dp["counters"]["synproxy_rs_synack"] >= 6
+        flood_while_serving(lab, lb, (CLIENT_IP, LB_IN_IP))
         # Forged ACKs: random sequence numbers, no cookie.
         lab.run("client", ["hping3", "-q", "-A", "-p", "80", "-i", "u10000", "-c", "50", lab.vip],
                 check=False, timeout=30)
@@ -90,7 +141,7 @@ def fnat_lab(lab):
             lab.run("lb", f"ip addr del {a}/24 dev br0", check=False)
 
 
-def test_fullnat_syn_proxy_curl(fnat_lab, tmp_path):
+def test_fullnat_syn_proxy_curl_and_flood(fnat_lab, tmp_path):
     lab = fnat_lab
     conf = with_syn_proxy(EXAMPLES / "seed-fnat.conf", tmp_path / "fnat-sp.conf", "FNAT")
     lab.clear_access_log()
@@ -101,6 +152,7 @@ def test_fullnat_syn_proxy_curl(fnat_lab, tmp_path):
         assert seen <= set(LADDRS) and seen
         dp = lb.snapshot()["dataplane"]
         assert dp["counters"]["synproxy_rs_synack"] >= 6
+        flood_while_serving(lab, lb, (*LADDRS, LB_IN_IP))
 
 
 def test_nat_syn_proxy_with_the_nfqueue_backend(lab, tmp_path):
