@@ -21,3 +21,36 @@ UPLOADER = textwrap.dedent(r"""
         reply += b
     print(hashlib.sha256(data).hexdigest(), reply.decode().strip())
 """)
+
+# argv: address, path, seconds, expected size, output file. Downloads http://address/path at a
+# pace that spreads `size` bytes over `seconds`, with a small receive buffer so the server cannot
+# run ahead into it: the connection really lives that long (curl's --limit-rate averages, and
+# with a fast path most of the file landed in the socket buffer at once). Writes the body only.
+SLOW_DOWNLOAD = textwrap.dedent(r"""
+    import socket, sys, time
+    addr, path, seconds, size, out = sys.argv[1:6]
+    seconds, size = float(seconds), int(size)
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    s.settimeout(30)
+    s.connect((addr, 80))
+    s.sendall(f"GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n".encode())
+    head, got, t0 = b"", 0, time.monotonic()
+    with open(out, "wb") as f:
+        while True:
+            b = s.recv(8192)
+            if not b:
+                break
+            if head is not None:
+                head += b
+                if b"\r\n\r\n" not in head:
+                    continue
+                head, b = None, head.split(b"\r\n\r\n", 1)[1]
+            f.write(b)
+            f.flush()
+            got += len(b)
+            ahead = t0 + seconds * got / size - time.monotonic()
+            if ahead > 0:
+                time.sleep(ahead)
+    sys.exit(0 if got == size else 1)
+""")

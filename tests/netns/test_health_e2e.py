@@ -18,6 +18,7 @@ import pytest
 
 from control.lab import REPO_ROOT, RS_IPS
 from control.labrun import LvsDp
+from tests.netns.clients import SLOW_DOWNLOAD
 
 pytestmark = pytest.mark.netns
 SEED = REPO_ROOT / "examples" / "seed-nat.conf"
@@ -316,12 +317,10 @@ def test_transfer_survives_reloads_and_runtime_edits(lab, tmp_path):
                              for c in r["checkers"]), 5, "first checks")
         ids = {(p["service"], r["addr"]): r["checkers"][0]["id"] for p in health(lb)
                for r in p["reals"]}
-        # About 45 s: long enough to outlast the reloads below even on a loaded machine (each
-        # lvs-dp call there starts a Python interpreter; 20 s once ran out under CI's load).
-        rate = lab.bulk_size // 45
-        curl = lab.popen("client", ["curl", "-sS", "--noproxy", "*", "--max-time", "120",
-                                    "--limit-rate", str(rate), "-o", str(out),
-                                    f"http://{lab.vip}/big"], name="client-big")
+        # About 30 s: long enough to outlast the reloads below even on a loaded machine (each
+        # lvs-dp call there starts a Python interpreter).
+        download = lab.popen("client", [sys.executable, "-c", SLOW_DOWNLOAD, lab.vip, "/big",
+                                        "30", str(lab.bulk_size), str(out)], name="client-big")
         wait_for(lambda: out.exists() and out.stat().st_size > 0, 5, "transfer started")
         # 1: add rs4 (SIGHUP, as keepalived reloads)
         conf.write_text(config(rs4=1))
@@ -340,13 +339,13 @@ def test_transfer_survives_reloads_and_runtime_edits(lab, tmp_path):
         assert r.returncode != 0
         assert re.search(rf"{re.escape(str(conf))}:\d+: ", r.stderr), r.stderr
         assert real_lines(lb.list())[f"{RS4}:80"] == ("Masq", 7)
-        assert curl.poll() is None, "the transfer ended early"
+        assert download.poll() is None, "the transfer ended early"
         # 3: remove rs4
         conf.write_text(config())
         assert f"removed real server {RS4}:80" in lb.cli("reload").stdout
         assert sorted(real_lines(lb.list())) == [f"{RS3}:80"]
-        assert curl.poll() is None, "the transfer should still be running"
-        assert curl.wait(110) == 0, Path(curl.log_path).read_text()
+        assert download.poll() is None, "the transfer should still be running"
+        assert download.wait(90) == 0, Path(download.log_path).read_text()
         assert hashlib.sha256(out.read_bytes()).hexdigest() == lab.bulk_sha256
         # rs3's checkers were never restarted by the reloads (same objects, still running).
         ids2 = {(p["service"], r["addr"]): r["checkers"][0]["id"] for p in health(lb)
