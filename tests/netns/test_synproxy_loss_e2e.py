@@ -13,10 +13,9 @@ sender's TCP:
   (-EPERM from ip_local_out), which sends the same segment again a moment later -- a delay,
   not a loss (measured: ~450 such drops in a 50 MB upload, 10-60 retransmissions).
 
-The client's interface sends one segment per skb (``gso_max_segs 1``): otherwise its TCP sends
-64 KB GSO bursts and one rule hit would drop ~45 segments at once. Segments towards the client
-are single already (the balancer queues without NFQA_CFG_F_GSO, so the kernel segments them
-before lvs-dp sees them).
+Both ends of the client's link send one segment per skb (``gso_max_segs 1`` on c-lb and lb-c):
+otherwise the client's TCP, and the balancer forwarding the GSO packets it now queues whole
+(NFQA_CFG_F_GSO), send 64 KB bursts and one rule hit would drop ~45 segments at once.
 
 What the loss does on each transfer:
 
@@ -186,6 +185,7 @@ def lossy_lab():
         for key in ("client", "rs3", "rs4"):
             assert lab.sysctl(key, "net.ipv4.tcp_sack", 1) == "1"
         lab.run("client", "ip link set dev c-lb gso_max_segs 1")
+        lab.run("lb", "ip link set dev lb-c gso_max_segs 1")
         yield lab
 
 
