@@ -225,11 +225,14 @@ TCPOPT_SACK = 5
 TCPOPT_TIMESTAMP = 8
 TCPOPT_TOA = 254            # Alibaba TOA (ip_vs.h TCPOPT_ADDR, toa.h TCPOPT_TOA), IPv4
 TCPOLEN_MSS = 4
+TCPOLEN_WINDOW = 3
+TCPOLEN_SACK_PERM = 2
 TCPOLEN_TIMESTAMP = 10
 TCPOLEN_SACK_BASE = 2
 TCPOLEN_SACK_PERBLOCK = 8
 TCPOLEN_TOA = 8
 TCP_MAX_HDR = 60            # doff is 4 bits of 32-bit words: 40 bytes of options at most
+TCP_MAX_WSCALE = 14         # RFC 7323; larger values are clamped (the patch does the same)
 
 TOA_NO_ROOM = -1            # no 8 bytes left in the TCP header (count STAT_TOA_NO_ROOM)
 TOA_NO_CAP = -2             # the buffer (cap) or the 64 KiB IP length cannot take 8 more bytes
@@ -409,25 +412,34 @@ def _open_gap(buf, at, end, n):
 # ================================================================================================
 
 @njit(**INLINE)
+def tcp_option_size(buf, i, end):
+    """Bytes the TCP option at i takes (1 for NOP), or -1 where a walk over the options ending
+    at `end` stops: EOL, or a malformed option (length < 2 or past the header), as the kernel's
+    tcp_parse_options does. Every option walk here steps with it."""
+    k = np.int64(buf[i])
+    if k == TCPOPT_EOL:
+        return np.int64(-1)
+    if k == TCPOPT_NOP:
+        return np.int64(1)
+    if i + 1 >= end:
+        return np.int64(-1)
+    size = np.int64(buf[i + 1])
+    if size < 2 or i + size > end:
+        return np.int64(-1)
+    return size
+
+
+@njit(**INLINE)
 def tcp_find_option(buf, l4, doff, kind):
     """Absolute offset of the first option `kind` in the TCP header at l4 (doff bytes long),
-    or -1. EOL ends the walk; a malformed option (length < 2 or past the header) ends it with
-    -1, as the kernel's tcp_parse_options does."""
+    or -1 (also when the walk stops first, see tcp_option_size)."""
     i = l4 + 20
     end = l4 + doff
     while i < end:
-        k = np.int64(buf[i])
-        if k == TCPOPT_EOL:
+        size = tcp_option_size(buf, i, end)
+        if size < 0:
             return np.int64(-1)
-        if k == TCPOPT_NOP:
-            i += 1
-            continue
-        if i + 1 >= end:
-            return np.int64(-1)
-        size = np.int64(buf[i + 1])
-        if size < 2 or i + size > end:
-            return np.int64(-1)
-        if k == kind:
+        if size > 1 and np.int64(buf[i]) == kind:
             return i
         i += size
     return np.int64(-1)
@@ -591,17 +603,10 @@ def sack_adjust(buf, l4, doff, delta):
     i = l4 + 20
     end = l4 + doff
     while i < end:
+        size = tcp_option_size(buf, i, end)
+        if size < 0:
+            break
         k = np.int64(buf[i])
-        if k == TCPOPT_EOL:
-            break
-        if k == TCPOPT_NOP:
-            i += 1
-            continue
-        if i + 1 >= end:
-            break
-        size = np.int64(buf[i + 1])
-        if size < 2 or i + size > end:
-            break
         if (k == TCPOPT_SACK and size >= TCPOLEN_SACK_BASE + TCPOLEN_SACK_PERBLOCK
                 and (size - TCPOLEN_SACK_BASE) % TCPOLEN_SACK_PERBLOCK == 0):
             j = i + 2

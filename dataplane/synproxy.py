@@ -173,22 +173,11 @@ from dataplane import consts as C
 from dataplane import fullnat as FN
 from dataplane import parse as P
 from dataplane.csum import INLINE, JIT, csum_replace2, fold, rd16, rd32, wr16, wr32
-
-# --- TCP options (include/net/tcp.h names) ------------------------------------------------------
-TCPOPT_EOL = 0
-TCPOPT_NOP = 1
-TCPOPT_MSS = 2
-TCPOPT_WINDOW = 3
-TCPOPT_SACK_PERM = 4
-TCPOPT_SACK = 5
-TCPOPT_TIMESTAMP = 8
-TCPOPT_TOA = 254            # Alibaba TOA (toa.h TCPOPT_TOA): client port + IPv4 address
-TCPOLEN_MSS = 4
-TCPOLEN_WINDOW = 3
-TCPOLEN_SACK_PERM = 2
-TCPOLEN_TIMESTAMP = 10
-TCPOLEN_TOA = 8
-TCP_MAX_WSCALE = 14         # RFC 7323; larger values are clamped (the patch does the same)
+# TCP options: fullnat.py owns their names (include/net/tcp.h) and the option walk.
+from dataplane.fullnat import (TCP_MAX_WSCALE, TCPOLEN_MSS, TCPOLEN_SACK_PERM, TCPOLEN_TIMESTAMP,
+                               TCPOLEN_TOA, TCPOLEN_WINDOW, TCPOPT_MSS, TCPOPT_NOP,
+                               TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP, TCPOPT_TOA, TCPOPT_WINDOW,
+                               tcp_option_size)
 
 # --- cookies --------------------------------------------------------------------------------------
 COOKIEBITS = 24             # the counter lives in the top 8 bits
@@ -421,17 +410,10 @@ def tcp_options(buf, l4):
     i = l4 + 20
     end = l4 + doff
     while i < end:
+        size = tcp_option_size(buf, i, end)
+        if size < 0:
+            break
         kind = np.int64(buf[i])
-        if kind == TCPOPT_EOL:
-            break
-        if kind == TCPOPT_NOP:
-            i += 1
-            continue
-        if i + 1 >= end:
-            break
-        size = np.int64(buf[i + 1])
-        if size < 2 or i + size > end:
-            break
         if kind == TCPOPT_MSS and size == TCPOLEN_MSS:
             mss = rd16(buf, i + 2)
         elif kind == TCPOPT_WINDOW and size == TCPOLEN_WINDOW:
