@@ -18,6 +18,7 @@ import pytest
 
 from control.lab import Lab, REPO_ROOT
 from control.labrun import LvsDp
+from tests.netns.clients import UPLOADER
 
 pytestmark = pytest.mark.netns
 EXAMPLES = REPO_ROOT / "examples"
@@ -57,22 +58,6 @@ SINK = textwrap.dedent(r"""
         c.sendall(f"{h.hexdigest()} {n} {client} {peer[0]}\n".encode()); c.close()
 """) % SINK_PORT
 
-UPLOADER = textwrap.dedent(r"""
-    import hashlib, random, socket
-    data = random.Random(11).randbytes(%d)
-    s = socket.create_connection(("172.16.1.100", %d), timeout=60)
-    s.sendall(data)
-    s.shutdown(socket.SHUT_WR)
-    reply = b""
-    while not reply.endswith(b"\n"):
-        b = s.recv(4096)
-        if not b:
-            break
-        reply += b
-    print(hashlib.sha256(data).hexdigest(), reply.decode().strip())
-""") % (MB50, SINK_PORT)
-
-
 def sink_service(kind, extra=""):
     return textwrap.dedent(f"""
         virtual_server 172.16.1.100 {SINK_PORT} {{
@@ -108,7 +93,7 @@ def download(lab, port):
 
 def upload(lab):
     local_sha, remote_sha, n, client, peer = lab.run(
-        "client", [sys.executable, "-c", UPLOADER], timeout=120).stdout.split()
+        "client", [sys.executable, "-c", UPLOADER, str(MB50 >> 20), "60"], timeout=120).stdout.split()
     return local_sha, remote_sha, int(n), client, peer
 
 
