@@ -116,6 +116,6 @@ def lab_env(request):
             skipped["kernel-ipvs"] = why
     rounds = 1 if quick else int(os.environ.get("LVSDP_BENCH_ROUNDS", 3))
     seconds = 1 if quick else float(os.environ.get("LVSDP_BENCH_SECONDS", 4))
-    with Lab(unique_prefix("b"), nginx_workers=1, access_log=False, bulk_mb=64) as lab:
+    with Lab(unique_prefix("b"), nginx_workers=1, bulk_mb=64, **L.LAB_OPTIONS) as lab:
         sinks = L.start_sinks(lab)
         yield LabEnv(lab, sinks, L.write_config(lab), modes, rounds, seconds, skipped)

@@ -15,8 +15,10 @@ two real servers, NAT):
   no SNAT (the real servers route the client network back through the balancer).
 * ``kernel-ipvs`` -- ipvsadm, NAT (-m), rr; only where the kernel has IPVS (`ipvs_status`).
 
-Metrics: HTTP keep-alive requests/s and latency percentiles (``wrk -t1 -c32 --latency``), new
-connections/s (the same with ``Connection: close``), 64-byte UDP packets/s counted by the sinks
+Metrics: HTTP keep-alive requests/s and latency percentiles (``wrk -t1 -c32 --latency``; nginx as
+Debian ships it answers in one segment, and ``http_keepalive_seg`` asks for the page that nginx
+sends as two, see `control.lab.SEGMENTED_PATH`), new connections/s (the same with
+``Connection: close``), 64-byte UDP packets/s counted by the sinks
 (trafgen in the client namespace), and bulk TCP throughput (curl of the lab's /big).
 
 Runnable without pytest (e.g. in the IPVS guest, /work/shared/tools/ipvs-vm)::
@@ -37,7 +39,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from control.lab import HTTP_PORT, RS_IPS, RS_KEYS, LabError
+from control.lab import HTTP_PORT, RS_IPS, RS_KEYS, SEGMENTED_PATH, LabError
 
 UDP_PORT = 9000
 UDP_FLOWS = 8                   # client source ports 10000..10007: both real servers get some
@@ -52,6 +54,11 @@ EXTRA_MODES = ("lvsdp-netlink-nogso",)
 BASELINE = "kernel-nat"
 NAT_CHAIN = "BENCH-KNAT"
 START_TIMEOUT_S = 300
+# The benchmark lab's options. bridge-nf-call-iptables off: the bridge in the balancer namespace
+# stands in for the seed lab's switch, which is outside the balancer; with it on, every frame from
+# a real server would also cross the balancer's iptables at bridge level (br_netfilter), a cost no
+# balancer with a plain NIC pays. Both kernel NAT and lvs-dp run without it.
+LAB_OPTIONS = {"access_log": False, "bridge_nf_call_iptables": 0}
 
 CONFIG = """\
 ! lvs-dp benchmark service: written by bench/labkit.py into the lab's directory.
@@ -282,6 +289,14 @@ class LvsDpMode(Mode):
     def drops(self):
         return self.snapshot().get("dataplane", {}).get("drops", {})
 
+    def packets(self, proto):
+        """Packets of the service in both directions (lvs-dp's InPkts + OutPkts)."""
+        port = HTTP_PORT if proto == "tcp" else UDP_PORT
+        for svc in self.snapshot()["services"]:
+            if svc["proto"] == proto.upper() and svc["addr"] == self.lab.vip and svc["port"] == port:
+                return svc["stats"]["inpkts"] + svc["stats"]["outpkts"]
+        return None
+
 
 class KernelNatMode(Mode):
     """netfilter DNAT, round robin with the statistic match, in the balancer namespace."""
@@ -399,11 +414,11 @@ def parse_wrk(out: str) -> dict:
     return res
 
 
-def run_wrk(lab, seconds, close=False, conns=WRK_CONNS) -> dict:
+def run_wrk(lab, seconds, close=False, conns=WRK_CONNS, path="/") -> dict:
     argv = ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--latency", "--timeout", "5s"]
     if close:
         argv += ["-H", "Connection: close"]
-    argv.append(f"http://{lab.vip}/")
+    argv.append(f"http://{lab.vip}{path}")
     r = lab.run("client", argv, timeout=seconds + 30, check=False)
     if r.returncode != 0:
         raise BenchError(f"wrk failed rc={r.returncode}: {r.stderr.strip()}")
@@ -525,11 +540,15 @@ def check_bulk_content(lab, mode):
 # --- one measurement in one mode ------------------------------------------------------------------
 def measure(metric, mode, lab, sinks, seconds) -> dict:
     """Run `metric` once against an already started `mode`; check it; return its numbers."""
-    if metric in ("http_keepalive", "http_close"):
+    if metric in ("http_keepalive", "http_keepalive_seg", "http_close"):
         close = metric == "http_close"
+        count_packets = getattr(mode, "packets", None)
         before = mode.conns_per_rs("tcp")
-        res = run_wrk(lab, seconds, close=close)
+        pk0 = count_packets("tcp") if count_packets else None
+        res = run_wrk(lab, seconds, close=close,
+                      path=SEGMENTED_PATH if metric == "http_keepalive_seg" else "/")
         check_wrk(res, mode.name, close)
+        pk1 = count_packets("tcp") if count_packets else None
         after = mode.conns_per_rs("tcp")
         per_rs = {a: after.get(a, 0) - before.get(a, 0) for a in after}
         if len([v for v in per_rs.values() if v > 0]) < 2:
@@ -541,7 +560,11 @@ def measure(metric, mode, lab, sinks, seconds) -> dict:
         return {"value": res["rps"], "requests": res["requests"], "duration_s": res["duration_s"],
                 "p50_ms": lat.get("50", 0) * 1e3, "p75_ms": lat.get("75", 0) * 1e3,
                 "p90_ms": lat.get("90", 0) * 1e3, "p99_ms": lat.get("99", 0) * 1e3,
-                "conns_per_rs": per_rs}
+                "conns_per_rs": per_rs,
+                # What the balancer handled per request (lvs-dp counts it; the kernel modes
+                # see the same traffic): its cost is per packet.
+                "pkts_per_request": (round((pk1 - pk0) / res["requests"], 2)
+                                     if pk0 is not None and pk1 is not None else None)}
     if metric == "udp_pps":
         res = run_udp(lab, sinks, max(seconds, 1.5))
         check_udp(res, mode.name)
@@ -555,7 +578,11 @@ def measure(metric, mode, lab, sinks, seconds) -> dict:
 
 METRICS = {
     # metric: (unit, higher is better, description)
-    "http_keepalive": ("req/s", "HTTP keep-alive requests/s, wrk -t1 -c32, two 1-worker nginx"),
+    "http_keepalive": ("req/s", "HTTP keep-alive requests/s, wrk -t1 -c32, two 1-worker nginx "
+                                "(Debian's settings: sendfile, tcp_nopush)"),
+    "http_keepalive_seg": ("req/s", f"HTTP keep-alive requests/s, wrk -t1 -c32 of {SEGMENTED_PATH}: "
+                                    "the same page without tcp_nopush (headers and body in two "
+                                    "segments)"),
     "http_close": ("conn/s", "new connections/s: wrk -t1 -c32 -H 'Connection: close'"),
     "udp_pps": ("pkt/s", f"{UDP_FRAME}-byte UDP frames/s read by the sinks (trafgen, 1 process)"),
     "bulk_tcp": ("Mbit/s", "bulk TCP: curl of /big through the VIP, back to back"),
@@ -573,6 +600,9 @@ def summarize(metric, per_mode: dict) -> dict:
         if metric.startswith("http"):
             for p in ("p50_ms", "p90_ms", "p99_ms"):
                 m[p] = round(statistics.median(r[p] for r in rounds), 3)
+            ppr = [r["pkts_per_request"] for r in rounds if r.get("pkts_per_request") is not None]
+            if ppr:
+                m["pkts_per_request"] = round(statistics.median(ppr), 2)
         if metric == "udp_pps":
             offered = [r["offered_pps"] for r in rounds if r.get("offered_pps")]
             m["offered_pps_median"] = round(statistics.median(offered), 1) if offered else None
@@ -639,7 +669,7 @@ def _main(argv=None):
             print(f"skipping kernel-ipvs: {why}", file=sys.stderr)
             modes.remove("kernel-ipvs")
     summaries = []
-    with Lab(a.prefix, access_log=False, bulk_mb=a.bulk_mb, replace=True) as lab:
+    with Lab(a.prefix, bulk_mb=a.bulk_mb, replace=True, **LAB_OPTIONS) as lab:
         sinks = start_sinks(lab)
         camp = Campaign(lab, sinks, write_config(lab), modes, a.seconds)
         for metric in a.metrics.split(","):

@@ -96,6 +96,7 @@ IFACES = {
     "rs4": ("rs4-lb",),
 }
 HTTP_PORT = 80
+SEGMENTED_PATH = "/seg/"        # index.html again, served without tcp_nopush (see _nginx_conf)
 PROXY_PROTOCOL_PORT = 8080    # nginx with `listen ... proxy_protocol` on every real server
 UDP_ECHO_PORT = 5353
 
@@ -529,13 +530,19 @@ class Lab:
                 fastcgi_temp_path {d}/tmp/fastcgi;
                 uwsgi_temp_path {d}/tmp/uwsgi;
                 scgi_temp_path {d}/tmp/scgi;
+                # Debian's stock nginx.conf: with tcp_nopush (TCP_CORK around sendfile) a small
+                # response leaves as one segment, headers and body together.
                 sendfile on;
+                tcp_nopush on;
                 keepalive_requests 10000000;
                 keepalive_timeout 65;
                 server {{
                     listen {HTTP_PORT} backlog=4096;
                     root {d}/html;
                     location / {{ index index.html; }}
+                    # The same page as two segments (headers, then the sendfile'd body) and the
+                    # client's ACK: 4 packets per keep-alive request instead of 2 (benchmarks).
+                    location {SEGMENTED_PATH} {{ tcp_nopush off; index index.html; }}
                 }}
                 # The same site behind the PROXY protocol (FULLNAT tests): the log shows the
                 # client address the header carried next to the connection's source.
@@ -556,6 +563,9 @@ class Lab:
             (d / "html").mkdir(parents=True)
             (d / "tmp").mkdir()
             (d / "html" / "index.html").write_text(f"<h1>Hello {RS_NAMES[rs]}</h1>\n")
+            (d / "html" / SEGMENTED_PATH.strip("/")).mkdir()
+            (d / "html" / SEGMENTED_PATH.strip("/") / "index.html").write_text(
+                f"<h1>Hello {RS_NAMES[rs]}</h1>\n")
             if bulk is not None:
                 os.symlink(bulk, d / "html" / "big")
             (d / "nginx.conf").write_text(self._nginx_conf(rs))
