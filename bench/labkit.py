@@ -556,6 +556,12 @@ def measure(metric, mode, lab, sinks, seconds) -> dict:
         if close and sum(per_rs.values()) < res["requests"] * 0.9:
             raise BenchError(f"{mode.name}: {res['requests']} requests with Connection: close but "
                              f"only {sum(per_rs.values())} new connections counted")
+        ppr = (pk1 - pk0) / res["requests"] if pk0 is not None and pk1 is not None else None
+        # A request is at least its request and its response; the /seg/ page is two segments.
+        least = 3 if metric == "http_keepalive_seg" else 2
+        if ppr is not None and ppr < least:
+            raise BenchError(f"{mode.name}: {ppr:.2f} packets per request counted, expected at "
+                             f"least {least} ({metric})")
         lat = res["latency_s"]
         return {"value": res["rps"], "requests": res["requests"], "duration_s": res["duration_s"],
                 "p50_ms": lat.get("50", 0) * 1e3, "p75_ms": lat.get("75", 0) * 1e3,
@@ -563,8 +569,7 @@ def measure(metric, mode, lab, sinks, seconds) -> dict:
                 "conns_per_rs": per_rs,
                 # What the balancer handled per request (lvs-dp counts it; the kernel modes
                 # see the same traffic): its cost is per packet.
-                "pkts_per_request": (round((pk1 - pk0) / res["requests"], 2)
-                                     if pk0 is not None and pk1 is not None else None)}
+                "pkts_per_request": round(ppr, 2) if ppr is not None else None}
     if metric == "udp_pps":
         res = run_udp(lab, sinks, max(seconds, 1.5))
         check_udp(res, mode.name)
