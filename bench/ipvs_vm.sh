@@ -15,7 +15,7 @@ cat > "$stage/guest.sh" <<'GUEST'
 set -e
 cd /src
 nproc; uname -r
-python3 -m bench.labkit --modes kernel-nat,kernel-ipvs --metrics http_keepalive,http_close,bulk_tcp \
+python3 -m bench.labkit --modes kernel-nat,kernel-ipvs --metrics http_keepalive,http_keepalive_seg,http_close,bulk_tcp \
     --rounds 3 --seconds 4 --bulk-mb 8 --json /tmp/ipvs.json > /tmp/out.txt 2>&1 || { tail -50 /tmp/out.txt; exit 1; }
 echo "JSON-BEGIN"; cat /tmp/ipvs.json; echo "JSON-END"
 GUEST

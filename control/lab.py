@@ -468,7 +468,13 @@ class Lab:
         # balancer first: forwarding on before any interface is up
         self.sysctl("lb", "net.ipv4.ip_forward", 1)
         if self.bridge_nf_call_iptables is not None:
-            self.sysctl("lb", "net.bridge.bridge-nf-call-iptables", int(self.bridge_nf_call_iptables))
+            present = self.run("lb", ["test", "-e", "/proc/sys/net/bridge/bridge-nf-call-iptables"],
+                               check=False).returncode == 0
+            # Without br_netfilter (a module elsewhere, built in here) bridged frames never
+            # reach iptables: "off" holds already, "on" cannot be had without loading it.
+            if present or self.bridge_nf_call_iptables:
+                self.sysctl("lb", "net.bridge.bridge-nf-call-iptables",
+                            int(self.bridge_nf_call_iptables))
         _ip("-n", lb, "addr", "add", f"{LB_OUT_IP}/24", "dev", "lb-c")
         _ip("-n", lb, "addr", "add", f"{VIP}/32", "dev", "lb-c")
         _ip("-n", lb, "addr", "add", f"{LB_IN_IP}/24", "dev", "br0")
