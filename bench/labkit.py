@@ -279,23 +279,25 @@ class LvsDpMode(Mode):
     def snapshot(self):
         return self.lb.snapshot()
 
-    def conns_per_rs(self, proto):
+    def _service(self, proto):
+        """The benchmark service of `proto` in lvs-dp's snapshot (None if it is not there)."""
         port = HTTP_PORT if proto == "tcp" else UDP_PORT
         for svc in self.snapshot()["services"]:
             if svc["proto"] == proto.upper() and svc["addr"] == self.lab.vip and svc["port"] == port:
-                return {r["addr"]: r["stats"]["conns"] for r in svc["reals"]}
-        return {}
+                return svc
+        return None
+
+    def conns_per_rs(self, proto):
+        svc = self._service(proto)
+        return {r["addr"]: r["stats"]["conns"] for r in svc["reals"]} if svc else {}
 
     def drops(self):
         return self.snapshot().get("dataplane", {}).get("drops", {})
 
     def packets(self, proto):
         """Packets of the service in both directions (lvs-dp's InPkts + OutPkts)."""
-        port = HTTP_PORT if proto == "tcp" else UDP_PORT
-        for svc in self.snapshot()["services"]:
-            if svc["proto"] == proto.upper() and svc["addr"] == self.lab.vip and svc["port"] == port:
-                return svc["stats"]["inpkts"] + svc["stats"]["outpkts"]
-        return None
+        svc = self._service(proto)
+        return svc["stats"]["inpkts"] + svc["stats"]["outpkts"] if svc else None
 
 
 class KernelNatMode(Mode):
