@@ -119,6 +119,13 @@ def _machine(data):
     return rows
 
 
+def _errors_md(errors, title):
+    """Markdown lines listing a benchmark's errors (first line of each), or none."""
+    if not errors:
+        return []
+    return [title, ""] + [f"- `{e.splitlines()[0][:300]}`" for e in errors] + [""]
+
+
 def _ratio(lab, metric, key):
     ex = lab.get(metric)
     if not ex:
@@ -415,12 +422,7 @@ def _synflood_level(ex, first):
                  "the client's next segment, or stalls until the server retransmits its SYN-ACK "
                  "(kernel-notes/fullnat-synproxy.md).")
         L.append("")
-    if ex.get("errors"):
-        L.append("Errors:")
-        L.append("")
-        for e in ex["errors"]:
-            L.append(f"- `{e.splitlines()[0][:300]}`")
-        L.append("")
+    L += _errors_md(ex.get("errors"), "Errors:")
     return L
 
 
@@ -624,12 +626,8 @@ def render(data, kinds, plots_dir, md_path):
                 L.append("lvs-dp drop counters during the runs (per round): " +
                          "; ".join(f"{m}: {d}" for m, d in drops.items()))
                 L.append("")
-            if ex.get("errors"):
-                L.append("Errors (modes whose rounds failed are left out above):")
-                L.append("")
-                for e in ex["errors"]:
-                    L.append(f"- `{e.splitlines()[0][:300]}`")
-                L.append("")
+            L += _errors_md(ex.get("errors"),
+                            "Errors (modes whose rounds failed are left out above):")
         for p in _plot_lab(lab, plots_dir):
             L.append(f"![{p.stem}]({rel(p)})")
             L.append("")
