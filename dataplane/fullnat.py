@@ -30,7 +30,7 @@ Local addresses and ports (new connections only)::
 
 TCP options (handshake packets)::
 
-    tcp_find_option(buf, l4, doff, kind) -> offset of the kind byte | -1     inline
+    tcp_find_option(buf, l4, doff, kind, length) -> offset of the kind byte | -1   inline
     tcp_get_mss(buf, l4, doff) -> mss | -1                                   inline
     tcp_set_mss(buf, o, l4, doff, new_mss) -> mss now in the packet | -1 (no MSS option)
     ts_strip(buf, o, l4, doff) -> 1 stripped | 0 no timestamp option
@@ -430,9 +430,11 @@ def tcp_option_size(buf, i, end):
 
 
 @njit(**INLINE)
-def tcp_find_option(buf, l4, doff, kind):
+def tcp_find_option(buf, l4, doff, kind, length):
     """Absolute offset of the first option `kind` in the TCP header at l4 (doff bytes long),
-    or -1 (also when the walk stops first, see tcp_option_size)."""
+    or -1 (also when the walk stops first, see tcp_option_size). With `length` > 0, a first
+    `kind` of another length counts as none (an MSS or timestamp option of the wrong size is
+    not read); 0 takes any length."""
     i = l4 + 20
     end = l4 + doff
     while i < end:
@@ -440,7 +442,7 @@ def tcp_find_option(buf, l4, doff, kind):
         if size < 0:
             return np.int64(-1)
         if size > 1 and np.int64(buf[i]) == kind:
-            return i
+            return i if length == 0 or size == length else np.int64(-1)
         i += size
     return np.int64(-1)
 
@@ -448,8 +450,8 @@ def tcp_find_option(buf, l4, doff, kind):
 @njit(**INLINE)
 def tcp_get_mss(buf, l4, doff):
     """The MSS option's value, or -1 when there is none (or it is not 4 bytes long)."""
-    at = tcp_find_option(buf, l4, doff, TCPOPT_MSS)
-    if at < 0 or buf[at + 1] != TCPOLEN_MSS:
+    at = tcp_find_option(buf, l4, doff, TCPOPT_MSS, TCPOLEN_MSS)
+    if at < 0:
         return np.int64(-1)
     return rd16(buf, at + 2)
 
@@ -458,8 +460,8 @@ def tcp_get_mss(buf, l4, doff):
 def tcp_set_mss(buf, o, l4, doff, new_mss):
     """Lower the MSS option to new_mss (never raises it); returns the MSS now in the packet,
     -1 when it has no MSS option. The IP header (o) is not touched."""
-    at = tcp_find_option(buf, l4, doff, TCPOPT_MSS)
-    if at < 0 or buf[at + 1] != TCPOLEN_MSS:
+    at = tcp_find_option(buf, l4, doff, TCPOPT_MSS, TCPOLEN_MSS)
+    if at < 0:
         return np.int64(-1)
     old = rd16(buf, at + 2)
     if new_mss < 0 or new_mss >= old:
@@ -475,8 +477,8 @@ def tcp_set_mss(buf, o, l4, doff, new_mss):
 def ts_strip(buf, o, l4, doff):
     """Overwrite the timestamp option (kind 8, length 10) with ten NOPs, the patched kernel's
     tcp_opt_remove_timestamp; returns 1, or 0 when there is none. Checksum updated."""
-    at = tcp_find_option(buf, l4, doff, TCPOPT_TIMESTAMP)
-    if at < 0 or buf[at + 1] != TCPOLEN_TIMESTAMP:
+    at = tcp_find_option(buf, l4, doff, TCPOPT_TIMESTAMP, TCPOLEN_TIMESTAMP)
+    if at < 0:
         return np.int64(0)
     ck = rd16(buf, l4 + P.TCP_CHECK)
     before = _seg_sum(buf, l4, at, TCPOLEN_TIMESTAMP)
@@ -499,8 +501,8 @@ def ts_clock(laddr, now_ns):
 @njit(**INLINE)
 def ts_value(buf, l4, doff):
     """The TS value of the segment's timestamp option (kind 8, length 10), or -1."""
-    at = tcp_find_option(buf, l4, doff, TCPOPT_TIMESTAMP)
-    if at < 0 or buf[at + 1] != TCPOLEN_TIMESTAMP:
+    at = tcp_find_option(buf, l4, doff, TCPOPT_TIMESTAMP, TCPOLEN_TIMESTAMP)
+    if at < 0:
         return np.int64(-1)
     return rd32(buf, at + 2)
 
@@ -516,8 +518,8 @@ def ts_adjust(buf, l4, doff, val_add, ecr_sub):
     if doff == 32 and rd32(buf, l4 + 20) == _NOP_NOP_TS:
         at = l4 + 22
     else:
-        at = tcp_find_option(buf, l4, doff, TCPOPT_TIMESTAMP)
-        if at < 0 or buf[at + 1] != TCPOLEN_TIMESTAMP:
+        at = tcp_find_option(buf, l4, doff, TCPOPT_TIMESTAMP, TCPOLEN_TIMESTAMP)
+        if at < 0:
             return np.int64(0)
     if ((np.int64(val_add) | np.int64(ecr_sub)) & M32) == 0:
         return np.int64(1)

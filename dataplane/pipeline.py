@@ -26,7 +26,7 @@ from dataplane import parse as P
 from dataplane import synproxy as SP
 from dataplane import tables as T
 from dataplane.borrow import borrow
-from dataplane.csum import JIT, SETTLE_CANNOT, SETTLE_DONE, csum_replace2, csum_replace4, \
+from dataplane.csum import INLINE, JIT, SETTLE_CANNOT, SETTLE_DONE, csum_replace2, csum_replace4, \
     l4_settle, rd16, rd32, wr16, wr32
 from dataplane.prefetch import prefetch, prefetch_row
 from dataplane.sched import schedule
@@ -836,7 +836,7 @@ def synproxy_conn(cfg, wk, buf, o, plen, cap, l4, direction, cid, tflags, now_ns
             # Duplicate ACKs with SACK blocks are loss recovery (each reports a new segment
             # received after a hole, a window's worth of them), not a storm: not counted.
             thresh = cfg.sp_cfg[SP.SPC_ACK_STORM_THRESH]
-            if doff > 20 and FN.tcp_find_option(buf, l4, doff, FN.TCPOPT_SACK) >= 0:
+            if doff > 20 and FN.tcp_find_option(buf, l4, doff, FN.TCPOPT_SACK, 0) >= 0:
                 thresh = np.int64(0)
             drop, ls, la, dc = SP.ack_storm(rd32(buf, l4 + P.TCP_SEQ), rd32(buf, l4 + P.TCP_ACK),
                                             np.int64(c['sp_last_seq']), np.int64(c['sp_last_ack']),
@@ -864,6 +864,21 @@ def synproxy_conn(cfg, wk, buf, o, plen, cap, l4, direction, cid, tflags, now_ns
         SP.tcp_translate(buf, l4, sd, 0, tsd, 0, np.int64(c['win_shift_out']))
     N.nat_rewrite(buf, o, np.int64(C.IPPROTO_TCP), l4, True, direction, c)
     return plen
+
+
+@njit(**INLINE)
+def _guess_slot(buf, o, plen, mask):
+    """(index slot, k0, k1) of the packet at o read at fixed offsets as if it were plain TCP/UDP,
+    or (-1, 0, 0) when it is too short for that: the prefetch passes' guess, which pass 3's
+    real parse never trusts."""
+    if plen >= 28:
+        ihl = (np.int64(buf[o]) & 0xF) * 4
+        if np.int64(plen) >= ihl + 4:
+            k0, k1 = CT.make_key(rd32(buf, o + P.IP_SADDR), rd32(buf, o + P.IP_DADDR),
+                                 rd16(buf, o + ihl), rd16(buf, o + ihl + 2),
+                                 np.int64(buf[o + P.IP_PROTOCOL]))
+            return CT._slot(k0, k1, mask), k0, k1
+    return np.int64(-1), np.uint64(0), np.uint64(0)
 
 
 @njit(**JIT)
@@ -905,35 +920,22 @@ def process_batch(cfg, wk, buf, off, length, cap, mark, skbinfo, verdict, n, now
     # Pass 1: start loading every packet's index slot, so the cache misses of a large table
     # overlap (a guess from fixed offsets: a packet that is not plain TCP/UDP wastes one).
     for i in range(n):
-        o = off[i]
-        if length[i] >= 28:
-            ihl = (np.int64(buf[o]) & 0xF) * 4
-            if np.int64(length[i]) >= ihl + 4:
-                k0, k1 = CT.make_key(rd32(buf, o + P.IP_SADDR), rd32(buf, o + P.IP_DADDR),
-                                     rd16(buf, o + ihl), rd16(buf, o + ihl + 2),
-                                     np.int64(buf[o + P.IP_PROTOCOL]))
-                j = CT._slot(k0, k1, mask)
-                prefetch(idx, j)
+        j, k0, k1 = _guess_slot(buf, off[i], length[i], mask)
+        if j >= 0:
+            prefetch(idx, j)
     # Pass 2: find each packet's connection (its slot is in flight from pass 1) and start
     # loading its row, which pass 3 reads. The lookup is repeated there: a packet earlier in
     # the batch may create or free connections, so nothing found here is trusted later.
     for i in range(n):
-        o = off[i]
-        if length[i] >= 28:
-            ihl = (np.int64(buf[o]) & 0xF) * 4
-            if np.int64(length[i]) >= ihl + 4:
-                k0, k1 = CT.make_key(rd32(buf, o + P.IP_SADDR), rd32(buf, o + P.IP_DADDR),
-                                     rd16(buf, o + ihl), rd16(buf, o + ihl + 2),
-                                     np.int64(buf[o + P.IP_PROTOCOL]))
-                j = CT._slot(k0, k1, mask)
-                while True:
-                    w1 = idx[j, 1]
-                    if w1 == 0:
-                        break
-                    if idx[j, 0] == k0 and (w1 & T.IDX_KEY_MASK) == k1:
-                        prefetch_row(conn, CT.idx_val_of(w1) >> 1)
-                        break
-                    j = (j + 1) & mask
+        j, k0, k1 = _guess_slot(buf, off[i], length[i], mask)
+        while j >= 0:
+            w1 = idx[j, 1]
+            if w1 == 0:
+                break
+            if idx[j, 0] == k0 and (w1 & T.IDX_KEY_MASK) == k1:
+                prefetch_row(conn, CT.idx_val_of(w1) >> 1)
+                break
+            j = (j + 1) & mask
     for i in range(n):
         stats[C.STAT_PKTS] += 1
         o = off[i]

@@ -666,9 +666,7 @@ def tcp_translate(buf, l4, seq_add, ack_sub, tsval_add, tsecr_sub, win_shift):
         if (flags & C.TH_ACK) != 0:
             FN.sack_adjust(buf, l4, doff, ack_sub)
         if (tsval_add & M32) != 0 or (tsecr_sub & M32) != 0:
-            at = FN.tcp_find_option(buf, l4, doff, TCPOPT_TIMESTAMP)
-            if at >= 0 and buf[at + 1] == TCPOLEN_TIMESTAMP:
-                ts_at = at
+            ts_at = FN.tcp_find_option(buf, l4, doff, TCPOPT_TIMESTAMP, TCPOLEN_TIMESTAMP)
     if ts_at >= 0 and ((tsval_add & M32) != 0 or (tsecr_sub & M32) != 0):
         ck = rd16(buf, l4 + P.TCP_CHECK)
         if tsval_add & M32:

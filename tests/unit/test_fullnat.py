@@ -265,7 +265,9 @@ def test_find_option_matches_naive(opts, payload):
     buf, l4, doff = load(pkt)
     for kind in (2, 3, 4, 5, 8, 30, 253, 254, 99):
         want = N.find_option(pkt, kind)
-        assert F.tcp_find_option(buf, l4, doff, kind) == (want + O if want >= 0 else -1)
+        for length in (0, 4, 10):      # any length, MSS's, timestamp's
+            ok = want >= 0 and (length == 0 or pkt[want + 1] == length)
+            assert F.tcp_find_option(buf, l4, doff, kind, length) == (want + O if ok else -1)
 
 
 @settings(max_examples=300)
@@ -276,7 +278,7 @@ def test_find_option_survives_garbage(raw):
     buf, l4, doff = load(pkt)
     for kind in (2, 5, 8, 254):
         want = N.find_option(pkt, kind)
-        assert F.tcp_find_option(buf, l4, doff, kind) == (want + O if want >= 0 else -1)
+        assert F.tcp_find_option(buf, l4, doff, kind, 0) == (want + O if want >= 0 else -1)
     F.ts_strip(buf, O, l4, doff)
     F.tcp_set_mss(buf, O, l4, doff, 100)
     F.sack_adjust(buf, l4, doff, 12345)
