@@ -1,7 +1,10 @@
-"""Client programs the namespace tests run inside the lab (``lab.python("client", ["-c", X, ...])``).
+"""Client programs the namespace tests run inside the lab (``lab.python("client", ["-c", X, ...])``),
+and the upload sink they talk to on a real server.
 """
 
+import sys
 import textwrap
+import time
 
 # argv: MiB to send, socket timeout in seconds. Sends deterministic random bytes to the VIP's
 # upload service (port 9000; the sink on the real server answers "sha256 bytes client peer"),
@@ -54,3 +57,54 @@ SLOW_DOWNLOAD = textwrap.dedent(r"""
                 time.sleep(ahead)
     sys.exit(0 if got == size else 1)
 """)
+
+# The upload service's other end (port 9000 on a real server): for each connection, an optional
+# PROXY v2 header is parsed off and the rest hashed; the answer is "sha256 bytes client peer",
+# client being the header's source address or "-" without a header, peer the connection's source.
+UPLOAD_SINK = textwrap.dedent(r"""
+    import hashlib, socket, struct
+    SIG = b"\r\n\r\n\x00\r\nQUIT\n"
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", 9000)); s.listen(8)
+    print("ready", flush=True)
+    while True:
+        c, peer = s.accept()
+        c.settimeout(90)
+        try:
+            first = b""
+            while len(first) < 16:
+                b = c.recv(16 - len(first))
+                if not b:
+                    break
+                first += b
+            client = "-"
+            h = hashlib.sha256(); n = 0
+            if first[:12] == SIG:
+                rest = struct.unpack("!H", first[14:16])[0]
+                body = b""
+                while len(body) < rest:
+                    body += c.recv(rest - len(body))
+                client = socket.inet_ntoa(body[0:4])
+            else:
+                h.update(first); n += len(first)
+            while True:
+                b = c.recv(1 << 16)
+                if not b:
+                    break
+                h.update(b); n += len(b)
+            c.sendall(f"{h.hexdigest()} {n} {client} {peer[0]}\n".encode())
+        except OSError:
+            pass
+        c.close()
+""")
+
+
+def start_upload_sink(lab, rs="rs3", name="upload-sink"):
+    """Start UPLOAD_SINK in `rs` and wait until it listens; returns the process (lab.stop it,
+    or leave it to the lab's teardown)."""
+    sink = lab.popen(rs, [sys.executable, "-c", UPLOAD_SINK], name=name)
+    deadline = time.monotonic() + 10
+    while "ready" not in open(sink.log_path).read():
+        assert time.monotonic() < deadline and sink.poll() is None, "upload sink did not start"
+        time.sleep(0.1)
+    return sink

@@ -10,7 +10,7 @@ import pytest
 
 from control.lab import Lab, REPO_ROOT
 from control.labrun import LvsDp
-from tests.netns.clients import UPLOADER
+from tests.netns.clients import UPLOADER, start_upload_sink
 
 pytestmark = pytest.mark.netns
 CONF = REPO_ROOT / "examples" / "seed-fnat.conf"
@@ -52,33 +52,6 @@ def test_proxy_protocol_v2_gives_nginx_the_client_address(lab):
     assert {e[2] for e in entries} <= set(LADDRS)            # $remote_addr
 
 
-UPLOAD_SINK = textwrap.dedent(r"""
-    import hashlib, socket, struct, sys
-    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", 9000)); s.listen(8)
-    print("ready", flush=True)
-    while True:
-        c, peer = s.accept()
-        hdr = b""
-        while len(hdr) < 16:
-            hdr += c.recv(16 - len(hdr))
-        assert hdr[:12] == b"\r\n\r\n\x00\r\nQUIT\n", hdr
-        rest = struct.unpack("!H", hdr[14:16])[0]
-        body = b""
-        while len(body) < rest:
-            body += c.recv(rest - len(body))
-        client = socket.inet_ntoa(body[0:4]); cport = struct.unpack("!H", body[8:10])[0]
-        h = hashlib.sha256(); n = 0
-        while True:
-            b = c.recv(1 << 16)
-            if not b:
-                break
-            h.update(b); n += len(b)
-        c.sendall(f"{h.hexdigest()} {n} {client} {peer[0]}\n".encode()); c.close()
-""")
-
-
-
 def test_50mb_each_way_through_fullnat_and_proxy_protocol(lab, tmp_path):
     conf = tmp_path / "fnat-upload.conf"
     conf.write_text(CONF.read_text() + textwrap.dedent("""
@@ -93,9 +66,7 @@ def test_50mb_each_way_through_fullnat_and_proxy_protocol(lab, tmp_path):
             }
         }
         """))
-    sink = tmp_path / "sink.py"
-    sink.write_text(UPLOAD_SINK)
-    proc = lab.popen("rs3", [os.sys.executable, str(sink)], name="upload-sink")
+    proc = start_upload_sink(lab)
     with LvsDp(lab, conf):
         # Download: nginx's 50 MB /big through the PROXY protocol listener.
         r = lab.run("client", f"curl -sS --max-time 60 http://{lab.vip}:8080/big | sha256sum",

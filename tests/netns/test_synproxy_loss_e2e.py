@@ -39,7 +39,7 @@ import pytest
 
 from control.lab import Lab, REPO_ROOT
 from control.labrun import LvsDp
-from tests.netns.clients import UPLOADER
+from tests.netns.clients import UPLOADER, start_upload_sink
 
 pytestmark = pytest.mark.netns
 EXAMPLES = REPO_ROOT / "examples"
@@ -82,45 +82,6 @@ def synproxy_config(kind, dst):
         out.append(b)
     dst.write_text("".join(out) + _upload_service(kind))
     return dst
-
-
-UPLOAD_SINK = textwrap.dedent(r"""
-    # Accepts connections on 9000; an optional PROXY v2 header is parsed off, the rest hashed.
-    import hashlib, socket, struct
-    SIG = b"\r\n\r\n\x00\r\nQUIT\n"
-    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", 9000)); s.listen(8)
-    while True:
-        c, peer = s.accept()
-        c.settimeout(90)
-        try:
-            first = b""
-            while len(first) < 16:
-                b = c.recv(16 - len(first))
-                if not b:
-                    break
-                first += b
-            client = "-"
-            h = hashlib.sha256(); n = 0
-            if first[:12] == SIG:
-                rest = struct.unpack("!H", first[14:16])[0]
-                body = b""
-                while len(body) < rest:
-                    body += c.recv(rest - len(body))
-                client = socket.inet_ntoa(body[0:4])
-            else:
-                h.update(first); n += len(first)
-            while True:
-                b = c.recv(1 << 16)
-                if not b:
-                    break
-                h.update(b); n += len(b)
-            c.sendall(f"{h.hexdigest()} {n} {client} {peer[0]}\n".encode())
-        except OSError:
-            pass
-        c.close()
-""")
-
 
 
 def tcp_counters(lab, key):
@@ -193,9 +154,7 @@ def lossy_lab():
 def test_50mb_each_way_with_1pct_loss_and_sack(lossy_lab, kind, tmp_path):
     lab = lossy_lab
     conf = synproxy_config(kind, tmp_path / f"{kind.lower()}-sp-loss.conf")
-    sink_py = tmp_path / "sink.py"
-    sink_py.write_text(UPLOAD_SINK)
-    sink = lab.popen("rs3", [os.sys.executable, str(sink_py)], name=f"upload-sink-{kind}")
+    sink = start_upload_sink(lab, name=f"upload-sink-{kind}")
     try:
         with LvsDp(lab, conf) as lb:
             add_loss_rules(lab)         # after lvs-dp's jump: the balancer's goes before it
